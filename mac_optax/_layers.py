@@ -1,0 +1,288 @@
+"""Which layers MAC preconditions, and their geometry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+import optax
+
+from mac_optax import _capture
+
+Path = _capture.Path
+path_str = _capture.path_str
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """Static geometry of one preconditioned layer.
+
+  The kernel has shape ``stack_shape + in_shape + out_shape``: ``in_shape`` are
+  the axes contracted with the layer input (flattened, they index the
+  statistic), ``out_shape`` the output features. ``stack_shape`` holds leading
+  axes of layers stacked by ``nn.scan``. The flattened output features split
+  into ``blocks`` contiguous blocks (convolution groups, attention heads), each
+  with its own statistic.
+
+  Attributes:
+    kind: ``'dense'``, ``'conv'`` or ``'attention_value'``.
+    module: the linen class name.
+    in_shape: kernel axes contracted with the input.
+    out_shape: kernel output axes.
+    blocks: number of output blocks with their own statistic.
+    has_bias: whether a bias is preconditioned jointly, as the last coordinate.
+    stack_shape: leading stacked-layer axes.
+  """
+
+  kind: str
+  module: str
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  blocks: int
+  has_bias: bool
+  stack_shape: tuple[int, ...] = ()
+
+  @property
+  def dim(self) -> int:
+    """Length ``d`` of the statistic: input size, plus one with a bias."""
+    return int(np.prod(self.in_shape, dtype=np.int64)) + int(self.has_bias)
+
+  @property
+  def stat_shape(self) -> tuple[int, ...]:
+    per_layer = (self.blocks, self.dim) if self.blocks > 1 else (self.dim,)
+    return self.stack_shape + per_layer
+
+  @property
+  def kernel_shape(self) -> tuple[int, ...]:
+    return self.stack_shape + self.in_shape + self.out_shape
+
+  @property
+  def bias_shape(self) -> tuple[int, ...]:
+    return self.stack_shape + self.out_shape
+
+
+class Layers(Mapping[Path, LayerSpec]):
+  """The preconditioned layers of a model, keyed by module path.
+
+  Made by :func:`find_layers`. Besides the mapping of module path to
+  :class:`LayerSpec`, it remembers the type of every module it saw
+  (``modules``) and the layers it saw but cannot precondition, with the reason
+  (``unsupported``), for :func:`summary`.
+  """
+
+  def __init__(
+      self,
+      specs: Mapping[Path, LayerSpec],
+      modules: Mapping[Path, str] | None = None,
+      unsupported: Mapping[Path, str] | None = None,
+  ):
+    self._specs = dict(specs)
+    self.modules = dict(modules or {})
+    self.unsupported = dict(unsupported or {})
+
+  def __getitem__(self, path: Path) -> LayerSpec:
+    return self._specs[path]
+
+  def __iter__(self) -> Iterator[Path]:
+    return iter(self._specs)
+
+  def __len__(self) -> int:
+    return len(self._specs)
+
+  def __repr__(self) -> str:
+    names = ', '.join(path_str(p) for p in self._specs)
+    return f'Layers({names})'
+
+
+def lookup(tree: Any, path: Path) -> Any:
+  """``tree[path[0]][path[1]]...`` or None when a key is missing."""
+  node = tree
+  for key in path:
+    if not isinstance(node, Mapping) or key not in node:
+      return None
+    node = node[key]
+  return node
+
+
+def key_name(entry) -> str | None:
+  """The string key of one ``jax.tree_util`` path entry of a dict tree."""
+  name = getattr(entry, 'key', getattr(entry, 'name', None))
+  return name if isinstance(name, str) else None
+
+
+def leaf_paths(tree: Any) -> list[tuple[Path, Any]]:
+  """``(path, leaf)`` for every leaf of a nested-dict tree."""
+  return [
+      (tuple(key_name(k) for k in keys), leaf)
+      for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
+
+
+def flatten_stats(stats: Any) -> dict[Path, Any]:
+  """Maps module path -> ``mean_input`` for a ``mac_stats`` tree."""
+  flat = {}
+  for keys, leaf in leaf_paths(stats):
+    if not keys or keys[-1] != _capture.STAT_NAME or None in keys:
+      raise ValueError(
+          f'mac_stats entry {path_str(keys)} is not a'
+          f" '{_capture.STAT_NAME}' statistic; pass the statistics returned"
+          ' by mac_optax.capture unchanged.'
+      )
+    flat[keys[:-1]] = leaf
+  return flat
+
+
+def _check_against_params(path: Path, spec: LayerSpec, params: Any) -> None:
+  node = lookup(params, path)
+  where = f'layer {path_str(path)} ({spec.module})'
+  if not isinstance(node, Mapping) or 'kernel' not in node:
+    raise ValueError(
+        f'{where}: expected a "kernel" parameter at params/{path_str(path)},'
+        ' found none.'
+    )
+  if spec.has_bias != ('bias' in node):
+    raise ValueError(
+        f'{where}: the layer {"uses" if spec.has_bias else "has no"} bias'
+        f' but the params {"lack" if spec.has_bias else "have"} one.'
+    )
+
+
+def _spec_from_params(
+    path: Path, call: _capture.LayerCall, stat_shape: tuple[int, ...],
+    params: Any,
+) -> LayerSpec:
+  per_layer = (call.blocks, 0) if call.blocks > 1 else (0,)
+  stack_shape = tuple(stat_shape[: len(stat_shape) - len(per_layer)])
+  partial = LayerSpec(call.kind, call.module, call.in_shape, (), call.blocks,
+                      call.has_bias, stack_shape)
+  _check_against_params(path, partial, params)
+  kernel_shape = tuple(np.shape(lookup(params, path)['kernel']))
+  prefix = stack_shape + call.in_shape
+  if kernel_shape[: len(prefix)] != prefix:
+    raise ValueError(
+        f'layer {path_str(path)} ({call.module}): kernel shape {kernel_shape}'
+        f' does not start with the stacked/input axes {prefix} seen in the'
+        ' forward pass.'
+    )
+  spec = dataclasses.replace(partial, out_shape=kernel_shape[len(prefix):])
+  out_size = int(np.prod(spec.out_shape, dtype=np.int64))
+  if out_size % spec.blocks:
+    raise ValueError(
+        f'layer {path_str(path)}: {out_size} output features do not split'
+        f' into {spec.blocks} blocks.'
+    )
+  if spec.has_bias:
+    bias_shape = tuple(np.shape(lookup(params, path)['bias']))
+    if bias_shape != spec.bias_shape:
+      raise ValueError(
+          f'layer {path_str(path)}: bias shape {bias_shape}, expected'
+          f' {spec.bias_shape}.'
+      )
+  return spec
+
+
+def find_layers(
+    apply_fn: Callable[..., Any], variables: Any, *args, **kwargs
+) -> Layers:
+  """Finds the layers MAC preconditions by tracing one forward pass.
+
+  The forward pass runs under ``jax.eval_shape``, so it costs no FLOPs. Pass
+  the same arguments as to ``model.apply`` in training (including
+  ``mutable=['batch_stats']``, ``rngs=`` or a ``train`` flag): layers that a
+  different call would skip are not found.
+
+  Args:
+    apply_fn: ``model.apply``, or the :func:`capture` wrapper used for
+      training when it was built with non-default options.
+    variables: the model variables, ``{'params': ..., ...}``.
+    *args: positional arguments of ``apply_fn`` after ``variables``.
+    **kwargs: keyword arguments of ``apply_fn``.
+
+  Returns:
+    A :class:`Layers` mapping, to pass as ``layers=`` to :func:`mac` or
+    :func:`scale_by_mac`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, mac_optax
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> x = jnp.ones((4, 3))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> mac_optax.find_layers(model.apply, variables, x)
+    Layers(layers_0, layers_2)
+  """
+  if not isinstance(apply_fn, _capture.Capture):
+    apply_fn = _capture.capture(apply_fn)
+  recorder = _capture.Recorder()
+  _, stats = jax.eval_shape(
+      lambda: apply_fn.apply_with_recorder(recorder, variables, *args, **kwargs)
+  )
+  params = variables.get('params', {}) if isinstance(variables, Mapping) else {}
+  specs = {}
+  for path, stat in flatten_stats(stats).items():
+    specs[path] = _spec_from_params(
+        path, recorder.layers[path], tuple(stat.shape), params
+    )
+  return Layers(specs, recorder.modules, recorder.unsupported)
+
+
+def _owner(layers: Layers, path: Path) -> Path:
+  """The deepest recorded module path that is a prefix of a parameter path."""
+  for end in range(len(path), -1, -1):
+    if path[:end] in layers.modules:
+      return path[:end]
+  return ()
+
+
+def precondition_mask(layers: Layers, params: Any) -> Any:
+  """A bool tree like ``params``: True where MAC preconditions the leaf.
+
+  Useful as an ``optax.partition``/``optax.masked`` label source, and to check
+  what :func:`find_layers` found.
+  """
+  def is_preconditioned(keys, _):
+    path = tuple(key_name(k) for k in keys)
+    return path[:-1] in layers and path[-1] in ('kernel', 'bias')
+
+  return jax.tree_util.tree_map_with_path(is_preconditioned, params)
+
+
+def summary(layers: Layers, params: Any) -> str:
+  """A table of every parameter and whether (and how) MAC preconditions it.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, mac_optax
+    >>> model = nn.Sequential([nn.Dense(8), nn.LayerNorm(), nn.Dense(2)])
+    >>> x = jnp.ones((4, 3))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> layers = mac_optax.find_layers(model.apply, variables, x)
+    >>> print(mac_optax.summary(layers, variables['params']))
+    parameter        shape   MAC
+    layers_0/bias    (8,)    preconditioned: dense (Dense), d=4
+    layers_0/kernel  (3, 8)  preconditioned: dense (Dense), d=4
+    layers_1/bias    (8,)    not preconditioned: LayerNorm
+    layers_1/scale   (8,)    not preconditioned: LayerNorm
+    layers_2/bias    (2,)    preconditioned: dense (Dense), d=9
+    layers_2/kernel  (8, 2)  preconditioned: dense (Dense), d=9
+  """
+  rows = [('parameter', 'shape', 'MAC')]
+  for path, leaf in leaf_paths(params):
+    if isinstance(leaf, optax.MaskedNode):
+      continue
+    module_path, name = path[:-1], path[-1]
+    spec = layers.get(module_path)
+    if spec is not None and name in ('kernel', 'bias'):
+      blocks = f' x{spec.blocks} blocks' if spec.blocks > 1 else ''
+      status = f'preconditioned: {spec.kind} ({spec.module}), d={spec.dim}'
+      status += blocks
+    else:
+      owner = _owner(layers, module_path)
+      reason = layers.unsupported.get(owner, layers.modules.get(owner, '?'))
+      status = f'not preconditioned: {reason}'
+    rows.append((path_str(path), str(tuple(np.shape(leaf))), status))
+  widths = [max(len(r[i]) for r in rows) for i in range(2)]
+  return '\n'.join(
+      f'{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}'.rstrip()
+      for r in rows
+  )

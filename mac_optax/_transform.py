@@ -1,0 +1,336 @@
+"""MAC's preconditioner as an optax gradient transformation."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mac_optax import _capture
+from mac_optax import _layers
+
+Path = _layers.Path
+path_str = _layers.path_str
+_SCALES = ('reference', 'exact')
+
+
+class ScaleByMacState(NamedTuple):
+  """State of :func:`scale_by_mac`.
+
+  Attributes:
+    count: steps taken, ``t`` (int32).
+    stat_count: statistic updates so far, ``k`` (int32); bias correction
+      divides by ``1 - stat_decay**k``.
+    mean_input_ema: per-layer EMA of the mean input, shaped like ``mac_stats``
+      (fp32).
+    mean_input: per-layer bias-corrected EMA as of the last refresh, the
+      ``â`` the preconditioner uses (fp32).
+  """
+
+  count: jax.Array
+  stat_count: jax.Array
+  mean_input_ema: Any
+  mean_input: Any
+
+
+def _nest(flat: Mapping[Path, Any]) -> dict:
+  """{module path: array} -> nested dict with ``mean_input`` leaves."""
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path:
+      node = node.setdefault(key, {})
+    node[_capture.STAT_NAME] = value
+  return tree
+
+
+def _is_concrete_number(value) -> bool:
+  return isinstance(value, numbers.Number) or (
+      isinstance(value, (np.ndarray, np.generic, jax.Array))
+      and not isinstance(value, jax.core.Tracer)
+      and np.ndim(value) == 0
+  )
+
+
+def _validate_hyperparameters(damping, stat_decay, t_cov, t_inv) -> None:
+  """Checks concrete hyperparameters (injected, traced ones cannot be)."""
+  if _is_concrete_number(damping) and not float(damping) > 0:
+    raise ValueError(f'damping must be > 0, got {damping}.')
+  if _is_concrete_number(stat_decay) and not 0 <= float(stat_decay) < 1:
+    raise ValueError(f'stat_decay must be in [0, 1), got {stat_decay}.')
+  for name, period in (('t_cov', t_cov), ('t_inv', t_inv)):
+    if _is_concrete_number(period) and (
+        int(period) != period or int(period) < 1
+    ):
+      raise ValueError(f'{name} must be a positive integer, got {period}.')
+
+
+def _active_layers(layers: _layers.Layers, params: Any) -> dict[Path, Any]:
+  """Layers whose kernel is present (not masked out) in ``params``."""
+  active = {}
+  for path, spec in layers.items():
+    node = _layers.lookup(params, path)
+    where = f'layer {path_str(path)} ({spec.module})'
+    if not isinstance(node, Mapping) or 'kernel' not in node:
+      raise ValueError(
+          f'{where}: `layers` lists it but params/{path_str(path)} has no'
+          ' "kernel". Were the layers found on another model?'
+      )
+    kernel_masked = isinstance(node['kernel'], optax.MaskedNode)
+    bias = node.get('bias')
+    if spec.has_bias and bias is None:
+      raise ValueError(f'{where}: params/{path_str(path)} has no "bias".')
+    if spec.has_bias and isinstance(bias, optax.MaskedNode) != kernel_masked:
+      raise ValueError(
+          f'{where}: kernel and bias are preconditioned jointly and must be'
+          ' masked (or partitioned) together.'
+      )
+    if kernel_masked:
+      continue
+    shape = tuple(np.shape(node['kernel']))
+    if shape != spec.kernel_shape:
+      raise ValueError(
+          f'{where}: kernel shape {shape}, expected {spec.kernel_shape}.'
+      )
+    active[path] = spec
+  return active
+
+
+def precondition(
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    mean_input: jax.Array,
+    spec: _layers.LayerSpec,
+    damping: jax.Array,
+    scale: str = 'reference',
+) -> tuple[jax.Array, jax.Array | None]:
+  r"""Applies MAC's rank-one preconditioner to one layer's gradient.
+
+  With :math:`\hat G` the kernel gradient flattened to ``(d_in, out)`` with the
+  bias gradient appended as the last row, and :math:`\hat a` the mean input,
+
+  .. math::
+    \hat G \leftarrow \hat G - \frac{\hat a (\hat a^\top \hat G)}
+      {\lambda + \|\hat a\|^2}
+    = \lambda (\hat a \hat a^\top + \lambda I)^{-1} \hat G,
+
+  never forming a ``d x d`` matrix. ``scale='exact'`` divides by
+  :math:`\lambda`, giving the damped inverse itself.
+
+  Args:
+    kernel: kernel gradient, shape ``spec.kernel_shape``.
+    bias: bias gradient, shape ``spec.bias_shape``, or None without bias.
+    mean_input: :math:`\hat a`, shape ``spec.stat_shape``.
+    spec: the layer geometry.
+    damping: :math:`\lambda`.
+    scale: ``'reference'`` or ``'exact'``.
+
+  Returns:
+    The preconditioned ``(kernel, bias)`` gradients, in their own dtypes.
+  """
+  stacks = int(np.prod(spec.stack_shape, dtype=np.int64))
+  d_in = spec.dim - int(spec.has_bias)
+  out = int(np.prod(spec.out_shape, dtype=np.int64))
+  grad = kernel.astype(jnp.float32).reshape((stacks, d_in, out))
+  if spec.has_bias:
+    bias_row = bias.astype(jnp.float32).reshape((stacks, 1, out))
+    grad = jnp.concatenate([grad, bias_row], axis=1)
+  grad = grad.reshape((stacks, spec.dim, spec.blocks, out // spec.blocks))
+  a = mean_input.astype(jnp.float32).reshape((stacks, spec.blocks, spec.dim))
+  damping = jnp.asarray(damping, jnp.float32)
+  denominator = damping + jnp.sum(jnp.square(a), axis=-1)
+  projection = jnp.einsum('snd,sdno->sno', a, grad) / denominator[..., None]
+  grad = grad - jnp.einsum('snd,sno->sdno', a, projection)
+  if scale == 'exact':
+    grad = grad / damping
+  grad = grad.reshape((stacks, spec.dim, out))
+  new_kernel = grad[:, :d_in].reshape(kernel.shape).astype(kernel.dtype)
+  new_bias = None
+  if spec.has_bias:
+    new_bias = grad[:, d_in].reshape(bias.shape).astype(bias.dtype)
+  return new_kernel, new_bias
+
+
+def scale_by_mac(
+    layers: _layers.Layers,
+    damping: jax.typing.ArrayLike = 1.0,
+    stat_decay: jax.typing.ArrayLike = 0.95,
+    t_cov: jax.typing.ArrayLike = 5,
+    t_inv: jax.typing.ArrayLike = 50,
+    *,
+    scale: str = 'reference',
+    allow_missing_stats: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Preconditions each layer's gradient with its mean input activation.
+
+  For every layer in ``layers`` (kernel and bias jointly, the bias as the last
+  input coordinate) the gradient becomes
+
+  .. math::
+    \hat G \leftarrow \hat G - \frac{\hat a\,(\hat a^\top \hat G)}
+      {\lambda + \|\hat a\|^2},
+
+  the damped rank-one inverse :math:`\lambda(\hat a \hat a^\top +
+  \lambda I)^{-1}` of the authors' code, applied matrix-free in ``O(d m)``.
+  Other parameters pass through unchanged.
+
+  The timeline follows the reference exactly. At step :math:`t` (counting from
+  0): if :math:`t \bmod T_{cov} = 0` the EMA
+  :math:`m \leftarrow \beta m + (1-\beta) \bar a` takes this step's statistic
+  and :math:`k \leftarrow k + 1`; if :math:`t \bmod T_{inv} = 0` the
+  preconditioner is refreshed to :math:`\hat a = m / (1 - \beta^k)`, and it is
+  used unchanged until the next refresh. Both happen at :math:`t = 0`, where
+  :math:`\hat a` is exactly the first batch's statistic.
+
+  Statistics are the ``mac_stats`` extra argument of ``update``, as returned by
+  :func:`capture`. Pass them on every step; steps that are not capture steps
+  ignore them.
+
+  Args:
+    layers: the preconditioned layers, from :func:`find_layers`.
+    damping: :math:`\lambda > 0`.
+    stat_decay: :math:`\beta \in [0, 1)`.
+    t_cov: statistics period :math:`T_{cov}`.
+    t_inv: preconditioner refresh period :math:`T_{inv}`.
+    scale: ``'reference'`` (the authors' :math:`\lambda`-scaled inverse, whose
+      eigenvalues lie in :math:`(0, 1]`) or ``'exact'`` (the damped inverse
+      :math:`(\hat a \hat a^\top + \lambda I)^{-1}`, i.e. divided by
+      :math:`\lambda`).
+    allow_missing_stats: if True, ``update`` without ``mac_stats`` passes the
+      gradient through unchanged (only for generic optax test batteries). By
+      default it raises.
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`; its
+    ``update`` takes ``mac_stats=`` as a keyword argument.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, mac_optax
+    >>> model = nn.Dense(2)
+    >>> x = jnp.arange(6.0).reshape(3, 2)
+    >>> params = model.init(jax.random.key(0), x)['params']
+    >>> layers = mac_optax.find_layers(model.apply, {'params': params}, x)
+    >>> tx = mac_optax.scale_by_mac(layers, damping=1.0)
+    >>> state = tx.init(params)
+    >>> y, stats = mac_optax.capture(model.apply)({'params': params}, x)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params, mac_stats=stats)
+    >>> # â = [2, 3, 1]: 1 - (2 + 3 + 1) / (1 + 2**2 + 3**2 + 1**2) = 0.6
+    >>> updates['bias'].round(4)
+    Array([0.6, 0.6], dtype=float32)
+
+  References:
+    Seung, Lee and Ko, `MAC: An Efficient Gradient Preconditioning using Mean
+    Activation Approximated Curvature <https://arxiv.org/abs/2506.08464>`_,
+    ICDM 2025.
+  """
+  if not isinstance(layers, Mapping):
+    raise TypeError(
+        'layers must come from mac_optax.find_layers(model.apply, variables,'
+        f' *example_inputs), got {type(layers).__name__}.'
+    )
+  if scale not in _SCALES:
+    raise ValueError(f'scale must be one of {_SCALES}, got {scale!r}.')
+  _validate_hyperparameters(damping, stat_decay, t_cov, t_inv)
+
+  def init_fn(params):
+    active = _active_layers(layers, params)
+    zeros = _nest({
+        path: jnp.zeros(spec.stat_shape, jnp.float32)
+        for path, spec in active.items()
+    })
+    return ScaleByMacState(
+        count=jnp.zeros([], jnp.int32),
+        stat_count=jnp.zeros([], jnp.int32),
+        mean_input_ema=zeros,
+        mean_input=jax.tree.map(jnp.copy, zeros),
+    )
+
+  def update_fn(updates, state, params=None, *, mac_stats=None, **extra_args):
+    del params, extra_args
+    if mac_stats is None:
+      if allow_missing_stats:
+        return updates, state._replace(count=optax.safe_increment(state.count))
+      raise ValueError(
+          'scale_by_mac needs the layer statistics: call'
+          ' tx.update(grads, state, params, mac_stats=stats) with the stats'
+          ' returned by mac_optax.capture(model.apply).'
+      )
+    stats = _layers.flatten_stats(mac_stats)
+    emas = _layers.flatten_stats(state.mean_input_ema)
+    mean_inputs = _layers.flatten_stats(state.mean_input)
+    for path, stat in stats.items():
+      if path not in layers:
+        raise ValueError(
+            f'mac_stats has a statistic for {path_str(path)}, which is not a'
+            ' preconditioned layer of `layers` (known:'
+            f' {", ".join(map(path_str, layers)) or "none"}).'
+        )
+    for path, spec in ((p, layers[p]) for p in emas):
+      if path not in stats:
+        raise ValueError(
+            f'mac_stats has no statistic for layer {path_str(path)}'
+            f' ({spec.module}); expected mean_input of shape'
+            f' {spec.stat_shape}.'
+        )
+      if tuple(np.shape(stats[path])) != spec.stat_shape:
+        raise ValueError(
+            f'mac_stats for layer {path_str(path)} ({spec.module}) has shape'
+            f' {tuple(np.shape(stats[path]))}, expected {spec.stat_shape}.'
+        )
+
+    count = state.count
+    capture_now = count % t_cov == 0
+    refresh_now = count % t_inv == 0
+    stat_count = state.stat_count + capture_now.astype(jnp.int32)
+    decay = jnp.asarray(stat_decay, jnp.float32)
+    correction = 1.0 - decay ** stat_count.astype(jnp.float32)
+    refresh_now = refresh_now & (stat_count > 0)
+    new_emas, new_means = {}, {}
+    for path, ema in emas.items():
+      stat = stats[path].astype(jnp.float32)
+      ema = jnp.where(capture_now, decay * ema + (1.0 - decay) * stat, ema)
+      new_emas[path] = ema
+      new_means[path] = jnp.where(
+          refresh_now, ema / jnp.where(refresh_now, correction, 1.0),
+          mean_inputs[path],
+      )
+
+    preconditioned = {}
+    for path, mean_input in new_means.items():
+      spec = layers[path]
+      node = _layers.lookup(updates, path)
+      kernel = node.get('kernel') if isinstance(node, Mapping) else None
+      bias = node.get('bias') if isinstance(node, Mapping) else None
+      if kernel is None or (spec.has_bias and bias is None):
+        raise ValueError(
+            f'layer {path_str(path)} ({spec.module}): the updates have no'
+            f' {"kernel" if kernel is None else "bias"} at'
+            f' {path_str(path)}; they must have the structure of params.'
+        )
+      new_kernel, new_bias = precondition(
+          kernel, bias if spec.has_bias else None, mean_input, spec, damping,
+          scale,
+      )
+      preconditioned[path + ('kernel',)] = new_kernel
+      if spec.has_bias:
+        preconditioned[path + ('bias',)] = new_bias
+
+    def replace(keys, leaf):
+      path = tuple(_layers.key_name(k) for k in keys)
+      return preconditioned.get(path, leaf)
+
+    updates = jax.tree_util.tree_map_with_path(replace, updates)
+    new_state = ScaleByMacState(
+        count=optax.safe_increment(count),
+        stat_count=stat_count,
+        mean_input_ema=_nest(new_emas),
+        mean_input=_nest(new_means),
+    )
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
