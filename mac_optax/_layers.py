@@ -219,8 +219,17 @@ def find_layers(
       lambda: apply_fn.apply_with_recorder(recorder, variables, *args, **kwargs)
   )
   params = variables.get('params', {}) if isinstance(variables, Mapping) else {}
+  flat_stats = flatten_stats(stats)
+  lost = [path for path in recorder.layers if path not in flat_stats]
+  if lost:
+    raise ValueError(
+        f'the statistics of {", ".join(map(path_str, lost))} were recorded but'
+        " did not come out of apply. Inside nn.scan or nn.vmap, add"
+        f" '{_capture.STATS_COLLECTION}' (and 'intermediates' for attention)"
+        ' to variable_axes.'
+    )
   specs = {}
-  for path, stat in flatten_stats(stats).items():
+  for path, stat in flat_stats.items():
     specs[path] = _spec_from_params(
         path, recorder.layers[path], tuple(stat.shape), params
     )

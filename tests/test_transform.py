@@ -312,3 +312,60 @@ def test_masked_kernel_with_unmasked_bias_is_rejected():
       'layers_2': {'kernel': True, 'bias': True}})
   with pytest.raises(ValueError, match='layers_0.*masked .*together'):
     tx.init(params)
+
+
+class _Block(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, _):
+    return nn.tanh(nn.Dense(4, name='fc')(x)) + x, None
+
+
+def _scanned(variable_axes):
+  class Stack(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.remat(nn.Dense)(4, name='inp')(x)
+      scan = nn.scan(_Block, variable_axes=variable_axes,
+                     split_rngs={'params': True}, length=3)
+      return scan(name='layers')(x, None)[0]
+
+  return Stack()
+
+
+def test_scanned_layers_are_preconditioned_per_layer():
+  model = _scanned({'params': 0, 'mac_stats': 0, oracles.RAW: 0})
+  x = jax.random.normal(jax.random.key(0), (5, 3)) + 1.0
+  variables = model.init(jax.random.key(1), x)
+  layers = mac_optax.find_layers(model.apply, variables, x)
+  assert layers[('layers', 'fc')].stack_shape == (3,)
+  _, stats = mac_optax.capture(model.apply)(variables, x)
+  _, _, raw = oracles.apply_recording(model, variables, x)
+  inputs = raw['layers']['fc']['inputs'][0]  # stacked by scan: (3, 5, 4)
+  for layer in range(3):
+    np.testing.assert_allclose(
+        stats['layers']['fc']['mean_input'][layer],
+        oracles.dense_mean(inputs[layer], 1, True), rtol=2e-5, atol=2e-6)
+  params = variables['params']
+  grads = _random_like(params, 7)
+  tx = mac_optax.scale_by_mac(layers, damping=0.3)
+  updates, _ = tx.update(grads, tx.init(params), params, mac_stats=stats)
+  for layer in range(3):
+    kernel, bias = oracles.precondition_layer(
+        grads['layers']['fc']['kernel'][layer],
+        grads['layers']['fc']['bias'][layer],
+        np.asarray(stats['layers']['fc']['mean_input'][layer])[None], 0.3,
+        'dense')
+    np.testing.assert_allclose(updates['layers']['fc']['kernel'][layer],
+                               kernel, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(updates['layers']['fc']['bias'][layer], bias,
+                               rtol=2e-5, atol=2e-6)
+
+
+def test_scan_without_stats_axis_is_an_error_not_a_silent_skip():
+  model = _scanned({'params': 0})
+  x = jnp.ones((5, 3))
+  variables = model.init(jax.random.key(1), x)
+  with pytest.raises(ValueError, match="layers/fc .*add 'mac_stats'"):
+    mac_optax.find_layers(model.apply, variables, x)
