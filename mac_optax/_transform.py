@@ -241,7 +241,12 @@ def scale_by_mac(
   _validate_hyperparameters(damping, stat_decay, t_cov, t_inv)
 
   def init_fn(params):
-    active = _active_layers(layers, params)
+    # optax.tree.map_params calls init with a placeholder instead of a dict;
+    # the state's shapes come from `layers`, so there is nothing to check.
+    if isinstance(params, Mapping):
+      active = _active_layers(layers, params)
+    else:
+      active = dict(layers)
     zeros = _nest({
         path: jnp.zeros(spec.stat_shape, jnp.float32)
         for path, spec in active.items()

@@ -389,3 +389,53 @@ def test_capture_is_jit_safe_and_retraces_nothing():
                second, eager)
   assert not np.allclose(first['Conv_0']['mean_input'],
                          second['Conv_0']['mean_input'])
+
+
+class _Mixed(nn.Module):
+  """Layers MAC leaves alone next to ones it preconditions."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(11, 4, name='embed')(tokens)
+    x = nn.ConvTranspose(4, (3,), name='up')(x)
+    x = nn.Dense(4, kernel_init=nn.initializers.normal(1.0), name='fc')(x)
+    x = nn.DenseGeneral(3, batch_dims=(0,), name='batched')(x)
+    return nn.LayerNorm(name='norm')(x)
+
+
+def test_unsupported_layers_pass_through_and_are_listed():
+  model = _Mixed()
+  tokens = jnp.arange(12).reshape(2, 6) % 11
+  variables = model.init(jax.random.key(0), tokens)
+  layers = mac_optax.find_layers(model.apply, variables, tokens)
+  assert list(layers) == [('fc',)]
+  table = mac_optax.summary(layers, variables['params'])
+  lines = {line.split()[0]: line for line in table.splitlines()[1:]}
+  assert lines['embed/embedding'].endswith('not preconditioned: Embed')
+  assert lines['up/kernel'].endswith('not preconditioned: ConvTranspose')
+  assert lines['batched/kernel'].endswith(
+      'not preconditioned: DenseGeneral with batch_dims')
+  assert lines['norm/scale'].endswith('not preconditioned: LayerNorm')
+  assert 'preconditioned: dense (Dense), d=5' in lines['fc/kernel']
+  params = variables['params']
+  _, stats = mac_optax.capture(model.apply)(variables, tokens)
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = mac_optax.scale_by_mac(layers)
+  updates, _ = tx.update(grads, tx.init(params), params, mac_stats=stats)
+  for name in ('embed', 'up', 'batched', 'norm'):
+    jax.tree.map(np.testing.assert_array_equal, updates[name], grads[name])
+  assert not np.allclose(updates['fc']['kernel'], 1.0)
+
+
+def test_bf16_model_gives_fp32_statistics():
+  model = _Block()
+  x = jax.random.normal(jax.random.key(16), (2, 5, 4))
+  variables = model.init(jax.random.key(0), x)
+  bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), variables)
+  _, stats = mac_optax.capture(model.apply)(bf16, x.astype(jnp.bfloat16))
+  _, reference = mac_optax.capture(model.apply)(variables, x)
+  for leaf in jax.tree.leaves(stats):
+    assert leaf.dtype == jnp.float32
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=5e-2,
+                                                       atol=5e-2),
+               stats, reference)

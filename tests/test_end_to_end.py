@@ -198,7 +198,7 @@ def test_mac_steps_match_numpy_reference(name):
                        jax.tree.map(np.asarray, variables['params']))
   assert min(jax.tree.leaves(moved)) > 1e-4  # every parameter trained
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
       jax.tree.map(np.asarray, params), expected)
 
 

@@ -202,3 +202,14 @@ def test_state_is_a_plain_pytree_of_arrays(problem):
     assert isinstance(leaf, jax.Array)
   abstract = jax.eval_shape(mac_optax.mac(0.1, layers=layers).init, params)
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
+
+
+def test_map_params_reaches_only_param_shaped_state(problem):
+  params, layers, _ = problem
+  tx = mac_optax.mac(0.1, layers=layers)
+  state = tx.init(params)
+  mapped = optax.tree.map_params(tx, lambda p: p.astype(jnp.bfloat16), state,
+                                 transform_non_params=lambda x: x)
+  trace_state = mapped[1]
+  assert trace_state.trace['fc1']['kernel'].dtype == jnp.bfloat16
+  assert mapped[0].mean_input_ema['fc1']['mean_input'].dtype == jnp.float32
