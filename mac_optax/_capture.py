@@ -261,7 +261,7 @@ class Interceptor:
       weights = sown[-1] if sown else None
     mask = arguments.get('mask')
     if weights is None:
-      weights = _recompute_weights(frame, mask, module)
+      weights = _recompute_weights(frame, mask)
     stat, rows = _value_stat(
         weights, mask, frame.value_inputs, self.value_stat
     )
@@ -278,7 +278,7 @@ class Interceptor:
     return outputs
 
 
-def _recompute_weights(frame: _AttentionFrame, mask, module) -> jax.Array:
+def _recompute_weights(frame: _AttentionFrame, mask) -> jax.Array:
   """softmax(q kᵀ/√d) under the mask, for attention_fns that cannot sow."""
   query = frame.outputs.get('query_ln', frame.outputs.get('query'))
   key = frame.outputs.get('key_ln', frame.outputs.get('key'))

@@ -43,8 +43,10 @@ def _broadcast(value: None | int | Sequence[int], rank: int) -> tuple[int, ...]:
 
 def geometry_of(module) -> ConvGeometry:
   """Reads the geometry of a ``flax.linen.Conv`` the way Flax interprets it."""
-  kernel_size = _broadcast(module.kernel_size, 1 if isinstance(
-      module.kernel_size, int) else len(module.kernel_size))
+  kernel_size = module.kernel_size
+  if isinstance(kernel_size, int):
+    kernel_size = (kernel_size,)
+  kernel_size = tuple(int(k) for k in kernel_size)
   rank = len(kernel_size)
   padding = module.padding
   if isinstance(padding, str):

@@ -225,8 +225,7 @@ def find_layers(
     raise ValueError(
         f'the statistics of {", ".join(map(path_str, lost))} were recorded but'
         " did not come out of apply. Inside nn.scan or nn.vmap, add"
-        f" '{_capture.STATS_COLLECTION}' (and 'intermediates' for attention)"
-        ' to variable_axes.'
+        f" '{_capture.STATS_COLLECTION}' to variable_axes."
     )
   specs = {}
   for path, stat in flat_stats.items():

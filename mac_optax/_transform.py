@@ -278,7 +278,8 @@ def scale_by_mac(
             ' preconditioned layer of `layers` (known:'
             f' {", ".join(map(path_str, layers)) or "none"}).'
         )
-    for path, spec in ((p, layers[p]) for p in emas):
+    for path in emas:
+      spec = layers[path]
       if path not in stats:
         raise ValueError(
             f'mac_stats has no statistic for layer {path_str(path)}'

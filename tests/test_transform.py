@@ -225,37 +225,23 @@ def _mlp_setup():
   return variables['params'], layers, stats
 
 
-def test_stats_for_a_layer_missing_names_it():
+@pytest.mark.parametrize(
+    'corrupt, message',
+    [(lambda s: s.pop('layers_2'),
+      r'no statistic for layer layers_2 \(Dense\).*shape \(5,\)'),
+     (lambda s: s['layers_0'].update(mean_input=jnp.ones(5)),
+      r'layers_0 \(Dense\) has shape \(5,\), expected \(6,\)'),
+     (lambda s: s.update(head={'mean_input': jnp.ones(3)}),
+      'statistic for head, which is not a preconditioned layer'),
+     (lambda s: s.update(layers_0=jnp.ones(6)),
+      "layers_0 is not a 'mean_input' statistic")],
+    ids=['missing', 'wrong-shape', 'layer-without-params', 'malformed-tree'],
+)
+def test_bad_stats_name_the_layer(corrupt, message):
   params, layers, stats = _mlp_setup()
   tx = mac_optax.scale_by_mac(layers)
-  del stats['layers_2']
-  with pytest.raises(ValueError, match=r'no statistic for layer layers_2 '
-                     r'\(Dense\).*shape \(5,\)'):
-    tx.update(params, tx.init(params), params, mac_stats=stats)
-
-
-def test_stats_of_wrong_shape_name_layer_and_shapes():
-  params, layers, stats = _mlp_setup()
-  tx = mac_optax.scale_by_mac(layers)
-  stats['layers_0']['mean_input'] = jnp.ones(5)
-  with pytest.raises(ValueError, match=r'layers_0 \(Dense\) has shape \(5,\), '
-                     r'expected \(6,\)'):
-    tx.update(params, tx.init(params), params, mac_stats=stats)
-
-
-def test_stats_for_layer_without_params_name_it():
-  params, layers, stats = _mlp_setup()
-  tx = mac_optax.scale_by_mac(layers)
-  stats['head'] = {'mean_input': jnp.ones(3)}
-  with pytest.raises(ValueError, match='statistic for head, which is not'):
-    tx.update(params, tx.init(params), params, mac_stats=stats)
-
-
-def test_malformed_stats_tree_is_rejected():
-  params, layers, stats = _mlp_setup()
-  tx = mac_optax.scale_by_mac(layers)
-  stats['layers_0'] = jnp.ones(6)
-  with pytest.raises(ValueError, match="layers_0 is not a 'mean_input'"):
+  corrupt(stats)
+  with pytest.raises(ValueError, match=message):
     tx.update(params, tx.init(params), params, mac_stats=stats)
 
 
