@@ -23,18 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from mac_optax import _conv
+from mac_optax import _stats
 
 STATS_COLLECTION = 'mac_stats'
-STAT_NAME = 'mean_input'
+STAT_NAME = _stats.MEAN
 _WEIGHTS_COLLECTION = 'intermediates'
 _WEIGHTS_NAME = 'attention_weights'
 _VALUE_STATS = ('reference', 'per_head')
 
-Path = tuple[str, ...]
-
-
-def path_str(path: Path) -> str:
-  return '/'.join(path) if path else '<root>'
+Path = _stats.Path
+path_str = _stats.path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,17 +165,15 @@ class Interceptor:
       frame.outputs[child] = outputs
     return outputs
 
-  def _sow(self, module, path, call: LayerCall, stat, rows) -> None:
+  def _sow(self, module, path, call: LayerCall, stat, rows, **extra) -> None:
     stat = _with_bias(stat, call.has_bias)
     if stat.shape[0] == 1:
       stat = stat[0]
     if self.recorder is not None:
       self.recorder.layer(path, call)
-    module.sow(
-        STATS_COLLECTION,
-        STAT_NAME,
-        (jax.lax.stop_gradient(stat), jnp.asarray(rows, jnp.float32)),
-    )
+    entry = {_stats.MEAN: stat, _stats.ROWS: jnp.asarray(rows, jnp.float32)}
+    entry.update(extra)
+    module.sow(STATS_COLLECTION, STAT_NAME, jax.lax.stop_gradient(entry))
 
   def _unsupported(self, path: Path, reason: str) -> None:
     if self.recorder is not None:
@@ -255,6 +251,7 @@ class Interceptor:
       self._frames.pop()
     if frame.value_module is None:
       return outputs
+    value = frame.value_module
     weights = None
     if use_sown_weights:
       sown = module.get_variable(_WEIGHTS_COLLECTION, _WEIGHTS_NAME)
@@ -262,10 +259,9 @@ class Interceptor:
     mask = arguments.get('mask')
     if weights is None:
       weights = _recompute_weights(frame, mask)
-    stat, rows = _value_stat(
-        weights, mask, frame.value_inputs, self.value_stat
+    stat, rows, extra = _value_stat(
+        weights, mask, frame.value_inputs, self.value_stat, value.use_bias
     )
-    value = frame.value_module
     heads = stat.shape[0]
     call = LayerCall(
         'attention_value',
@@ -274,7 +270,7 @@ class Interceptor:
         heads,
         value.use_bias,
     )
-    self._sow(value, path + ('value',), call, stat, rows)
+    self._sow(value, path + ('value',), call, stat, rows, **extra)
     return outputs
 
 
@@ -295,14 +291,18 @@ def _recompute_weights(frame: _AttentionFrame, mask) -> jax.Array:
   )
 
 
-def _value_stat(weights, mask, value_inputs, value_stat: str):
+def _value_stat(weights, mask, value_inputs, value_stat: str, has_bias: bool):
   """Attention-weighted mean value input, reference or per-head form.
 
   ``reference``: ``v = Σ_j p̄_j x̄_j`` with ``p̄_j`` the attention key ``j``
   receives averaged over batch, heads and (unmasked) queries and ``x̄_j`` the
-  batch-mean value input at position ``j``. ``per_head``: for each head ``h``,
-  the mean over batch and queries of ``Σ_j A[b,h,i,j] x_{b,j}``, which is the
-  input the head's value rows actually act on.
+  batch-mean value input at position ``j``; both factors are returned too, so
+  that statistics of several batches merge exactly. ``per_head``: for each
+  head ``h``, the mean over batch and queries of ``Σ_j A[b,h,i,j] x_{b,j}``,
+  which is the input the head's value rows actually act on.
+
+  Returns:
+    ``(stat, rows, extra_fields)`` with ``stat`` of shape ``(blocks, d_in)``.
   """
   weights = weights.astype(jnp.float32)
   heads, queries, keys = weights.shape[-3:]
@@ -320,29 +320,28 @@ def _value_stat(weights, mask, value_inputs, value_stat: str):
   if inputs.shape[0] != weights.shape[0]:
     inputs = jnp.broadcast_to(inputs, (weights.shape[0],) + inputs.shape[1:])
   key_weight = jnp.einsum('bhqk,bhq->bhk', weights, valid)
+  rows = jnp.sum(valid) / heads
   if value_stat == 'per_head':
     counts = jnp.maximum(jnp.sum(valid, axis=(0, 2)), 1.0)
     stat = jnp.einsum('bhk,bkd->hd', key_weight, inputs) / counts[:, None]
-  else:
-    count = jnp.maximum(jnp.sum(valid), 1.0)
-    key_mean = jnp.sum(key_weight, axis=(0, 1)) / count
-    stat = (key_mean @ jnp.mean(inputs, axis=0))[None]
-  rows = jnp.sum(valid) / heads
-  return stat, rows
+    return stat, rows, {}
+  count = jnp.maximum(jnp.sum(valid), 1.0)
+  key_attention = jnp.sum(key_weight, axis=(0, 1)) / count
+  position_mean = jnp.mean(inputs, axis=0)
+  extra = {
+      _stats.KEY_ATTENTION: key_attention,
+      _stats.POSITION_INPUT: _with_bias(position_mean, has_bias),
+      _stats.EXAMPLES: jnp.asarray(inputs.shape[0], jnp.float32),
+  }
+  return (key_attention @ position_mean)[None], rows, extra
 
 
 def _finalize(collection: Any) -> Any:
-  """Averages each layer's sown (mean, rows) pairs, weighted by rows."""
+  """Merges each layer's per-call statistics (see ``_stats.merge_layer``)."""
   result = {}
   for name, value in collection.items():
     if name == STAT_NAME:
-      total = sum(rows for _, rows in value)
-      mean = sum(
-          stat * rows.reshape(rows.shape + (1,) * (stat.ndim - rows.ndim))
-          for stat, rows in value
-      )
-      total = total.reshape(total.shape + (1,) * (mean.ndim - total.ndim))
-      result[name] = mean / jnp.maximum(total, 1.0)
+      result.update(_stats.merge_layer(value))
     else:
       result[name] = _finalize(value)
   return result

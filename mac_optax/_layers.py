@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterator, Mapping
 
+from flax import nnx
 import jax
 import numpy as np
 import optax
 
 from mac_optax import _capture
+from mac_optax import _stats
 
-Path = _capture.Path
-path_str = _capture.path_str
+Path = _stats.Path
+path_str = _stats.path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,32 +108,37 @@ def lookup(tree: Any, path: Path) -> Any:
   return node
 
 
-def key_name(entry) -> str | None:
-  """The string key of one ``jax.tree_util`` path entry of a dict tree."""
-  name = getattr(entry, 'key', getattr(entry, 'name', None))
-  return name if isinstance(name, str) else None
+def key_name(entry) -> Any:
+  """The key of one ``jax.tree_util`` path entry (dict key, index, attribute)."""
+  for attribute in ('key', 'idx', 'name'):
+    if hasattr(entry, attribute):
+      return getattr(entry, attribute)
+  return None
+
+
+def is_variable(node: Any) -> bool:
+  """Whether ``node`` is a Flax NNX ``Variable`` (a leaf here, not a node)."""
+  return isinstance(node, nnx.Variable)
+
+
+def unwrap(leaf: Any) -> Any:
+  """The array inside an NNX ``Variable``, or ``leaf`` itself."""
+  return leaf.get_value() if is_variable(leaf) else leaf
 
 
 def leaf_paths(tree: Any) -> list[tuple[Path, Any]]:
-  """``(path, leaf)`` for every leaf of a nested-dict tree."""
+  """``(path, leaf)`` for every leaf of a nested-mapping tree."""
   return [
       (tuple(key_name(k) for k in keys), leaf)
-      for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+      for keys, leaf in jax.tree_util.tree_flatten_with_path(
+          tree, is_leaf=is_variable
+      )[0]
   ]
 
 
 def flatten_stats(stats: Any) -> dict[Path, Any]:
   """Maps module path -> ``mean_input`` for a ``mac_stats`` tree."""
-  flat = {}
-  for keys, leaf in leaf_paths(stats):
-    if not keys or keys[-1] != _capture.STAT_NAME or None in keys:
-      raise ValueError(
-          f'mac_stats entry {path_str(keys)} is not a'
-          f" '{_capture.STAT_NAME}' statistic; pass the statistics returned"
-          ' by mac_optax.capture unchanged.'
-      )
-    flat[keys[:-1]] = leaf
-  return flat
+  return _stats.mean_inputs(stats)
 
 
 def _check_against_params(path: Path, spec: LayerSpec, params: Any) -> None:
@@ -253,7 +260,9 @@ def precondition_mask(layers: Layers, params: Any) -> Any:
     path = tuple(key_name(k) for k in keys)
     return path[:-1] in layers and path[-1] in ('kernel', 'bias')
 
-  return jax.tree_util.tree_map_with_path(is_preconditioned, params)
+  return jax.tree_util.tree_map_with_path(
+      is_preconditioned, params, is_leaf=is_variable
+  )
 
 
 def summary(layers: Layers, params: Any) -> str:

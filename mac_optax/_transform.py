@@ -313,8 +313,10 @@ def scale_by_mac(
     for path, mean_input in new_means.items():
       spec = layers[path]
       node = _layers.lookup(updates, path)
-      kernel = node.get('kernel') if isinstance(node, Mapping) else None
-      bias = node.get('bias') if isinstance(node, Mapping) else None
+      if not isinstance(node, Mapping):
+        node = {}
+      kernel = _layers.unwrap(node.get('kernel'))
+      bias = _layers.unwrap(node.get('bias'))
       if kernel is None or (spec.has_bias and bias is None):
         raise ValueError(
             f'layer {path_str(path)} ({spec.module}): the updates have no'
@@ -331,9 +333,14 @@ def scale_by_mac(
 
     def replace(keys, leaf):
       path = tuple(_layers.key_name(k) for k in keys)
-      return preconditioned.get(path, leaf)
+      if path not in preconditioned:
+        return leaf
+      new = preconditioned[path]
+      return leaf.replace(new) if _layers.is_variable(leaf) else new
 
-    updates = jax.tree_util.tree_map_with_path(replace, updates)
+    updates = jax.tree_util.tree_map_with_path(
+        replace, updates, is_leaf=_layers.is_variable
+    )
     new_state = ScaleByMacState(
         count=optax.safe_increment(count),
         stat_count=stat_count,
