@@ -8,6 +8,13 @@ from mac_optax._layers import Layers
 from mac_optax._layers import LayerSpec
 from mac_optax._layers import precondition_mask
 from mac_optax._layers import summary
+from mac_optax._recording import recording
+from mac_optax._recording import with_stats
+from mac_optax._rules import AttentionRule
+from mac_optax._rules import PassThrough
+from mac_optax._rules import register_attention
+from mac_optax._rules import register_layer
+from mac_optax._rules import rule_of
 from mac_optax._stats import all_reduce as all_reduce_stats
 from mac_optax._stats import merge as merge_stats
 from mac_optax._transform import precondition
@@ -17,9 +24,11 @@ from mac_optax._transform import ScaleByMacState
 __version__ = '0.1.0'
 
 __all__ = (
+    'AttentionRule',
     'Capture',
     'LayerSpec',
     'Layers',
+    'PassThrough',
     'ScaleByMacState',
     'all_reduce_stats',
     'capture',
@@ -28,6 +37,11 @@ __all__ = (
     'merge_stats',
     'precondition',
     'precondition_mask',
+    'recording',
+    'register_attention',
+    'register_layer',
+    'rule_of',
     'scale_by_mac',
     'summary',
+    'with_stats',
 )

@@ -41,32 +41,39 @@ def _broadcast(value: None | int | Sequence[int], rank: int) -> tuple[int, ...]:
   return tuple(int(v) for v in value)
 
 
-def geometry_of(module) -> ConvGeometry:
-  """Reads the geometry of a ``flax.linen.Conv`` the way Flax interprets it."""
+def _kernel_size(module) -> tuple[int, ...]:
   kernel_size = module.kernel_size
   if isinstance(kernel_size, int):
     kernel_size = (kernel_size,)
-  kernel_size = tuple(int(k) for k in kernel_size)
-  rank = len(kernel_size)
-  padding = module.padding
+  return tuple(int(k) for k in kernel_size)
+
+
+def _canonical_padding(padding, rank: int):
+  """Flax's padding forms as an upper-case string or per-axis pairs."""
   if isinstance(padding, str):
-    padding = padding.upper()
-  elif isinstance(padding, int):
-    padding = ((padding, padding),) * rank
-  else:
-    padding = tuple(
-        (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
-        for p in padding
+    return padding.upper()
+  if isinstance(padding, int):
+    return ((padding, padding),) * rank
+  pairs = tuple(
+      (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+      for p in padding
+  )
+  if len(pairs) != rank:
+    raise ValueError(
+        f'padding {padding!r} does not have one entry per spatial'
+        f' dimension ({rank}).'
     )
-    if len(padding) != rank:
-      raise ValueError(
-          f'padding {module.padding!r} does not have one entry per spatial'
-          f' dimension ({rank}).'
-      )
+  return pairs
+
+
+def geometry_of(module) -> ConvGeometry:
+  """Reads the geometry of a Flax convolution the way Flax interprets it."""
+  kernel_size = _kernel_size(module)
+  rank = len(kernel_size)
   return ConvGeometry(
       kernel_size=kernel_size,
       strides=_broadcast(module.strides, rank),
-      padding=padding,
+      padding=_canonical_padding(module.padding, rank),
       input_dilation=_broadcast(module.input_dilation, rank),
       kernel_dilation=_broadcast(module.kernel_dilation, rank),
       feature_group_count=int(module.feature_group_count),
@@ -208,3 +215,81 @@ def mean_patch(
   patch = patch.reshape(geometry.kernel_size + (groups, channels // groups))
   patch = jnp.moveaxis(patch, rank, 0).reshape(groups, -1)
   return patch, batch_size * positions
+
+
+def transpose_geometry_of(module) -> ConvGeometry:
+  """The stride-1 convolution that ``lax.conv_transpose`` computes.
+
+  ``conv_transpose`` dilates its input by the strides and pads it (for
+  'SAME'/'VALID', the padding of the forward convolution it transposes), then
+  convolves with stride 1; with ``transpose_kernel=False`` the kernel is used
+  as is.
+  """
+  kernel_size = _kernel_size(module)
+  rank = len(kernel_size)
+  strides = _broadcast(module.strides, rank)
+  kernel_dilation = _broadcast(module.kernel_dilation, rank)
+  pads = _canonical_padding(module.padding, rank)
+  if pads in ('SAME', 'VALID'):
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
+    pads = tuple(
+        _transpose_padding(span, stride, pads)
+        for span, stride in zip(spans, strides)
+    )
+  return ConvGeometry(
+      kernel_size=kernel_size,
+      strides=(1,) * rank,
+      padding=pads,
+      input_dilation=strides,
+      kernel_dilation=kernel_dilation,
+      feature_group_count=1,
+  )
+
+
+def _transpose_padding(span: int, stride: int, padding: str):
+  """Padding of the dilated input for a transposed 'SAME'/'VALID' conv."""
+  if padding == 'SAME':
+    total = span + stride - 2
+    before = span - 1 if stride > span - 1 else -(-total // 2)
+  else:
+    total = span + stride - 2 + max(span - stride, 0)
+    before = span - 1
+  return before, total - before
+
+
+def mean_patch_per_position(
+    inputs: jax.Array, geometry: ConvGeometry
+) -> tuple[jax.Array, int]:
+  """Mean im2col patch at every output position (for unshared convolutions).
+
+  Patches are linear in the input, so the patches of the batch-mean input are
+  the batch means of the patches; only one example's patches are built.
+
+  Returns:
+    ``(patches, rows)``: shape ``(*output_spatial, channels * prod(kernel))``
+    in ``lax.conv_general_dilated_patches``' (channel, *kernel) order, which is
+    the order of a ``ConvLocal`` kernel, and the batch size.
+  """
+  rank = len(geometry.kernel_size)
+  batch_dims = inputs.ndim - rank - 1
+  batch_size = int(np.prod(inputs.shape[:batch_dims], dtype=np.int64))
+  mean_input = jnp.mean(
+      inputs, axis=tuple(range(batch_dims)), dtype=jnp.float32
+  )
+  pre_pads, pre_mode, pads = _axis_plans(mean_input.shape[:-1], geometry)
+  mode = {'zeros': 'constant', 'wrap': 'wrap', 'reflect': 'reflect'}[pre_mode]
+  mean_input = jnp.pad(mean_input, tuple(pre_pads) + ((0, 0),), mode=mode)
+  spatial = ''.join('DHW'[-rank:]) if rank <= 3 else None
+  if spatial is None:
+    raise ValueError('only 1-, 2- and 3-D local convolutions are supported.')
+  layout = ('N' + spatial + 'C', spatial + 'IO', 'N' + spatial + 'C')
+  patches = jax.lax.conv_general_dilated_patches(
+      mean_input[None],
+      filter_shape=geometry.kernel_size,
+      window_strides=geometry.strides,
+      padding=pads,
+      lhs_dilation=geometry.input_dilation,
+      rhs_dilation=geometry.kernel_dilation,
+      dimension_numbers=layout,
+  )
+  return patches[0], batch_size

@@ -11,7 +11,10 @@ import numpy as np
 import optax
 
 from mac_optax import _capture
+from mac_optax import _nnx
+from mac_optax import _rules
 from mac_optax import _stats
+from mac_optax import _tracking
 
 Path = _stats.Path
 path_str = _stats.path_str
@@ -24,13 +27,15 @@ class LayerSpec:
   The kernel has shape ``stack_shape + in_shape + out_shape``: ``in_shape`` are
   the axes contracted with the layer input (flattened, they index the
   statistic), ``out_shape`` the output features. ``stack_shape`` holds leading
-  axes of layers stacked by ``nn.scan``. The flattened output features split
-  into ``blocks`` contiguous blocks (convolution groups, attention heads), each
-  with its own statistic.
+  axes with separate weights per index: layers stacked by ``nn.scan``, the
+  batch dims of ``DenseGeneral``, the positions of ``ConvLocal``. The flattened
+  output features split into ``blocks`` contiguous blocks (convolution groups,
+  attention heads, fused query/key/value), each with its own statistic.
 
   Attributes:
-    kind: ``'dense'``, ``'conv'`` or ``'attention_value'``.
-    module: the linen class name.
+    kind: ``'dense'``, ``'einsum'``, ``'conv'``, ``'conv_transpose'``,
+      ``'conv_local'``, ``'attention_value'`` or ``'attention_qkv'``.
+    module: the module's class name.
     in_shape: kernel axes contracted with the input.
     out_shape: kernel output axes.
     blocks: number of output blocks with their own statistic.
@@ -79,10 +84,12 @@ class Layers(Mapping[Path, LayerSpec]):
       specs: Mapping[Path, LayerSpec],
       modules: Mapping[Path, str] | None = None,
       unsupported: Mapping[Path, str] | None = None,
+      value_sources: Mapping[Path, str] | None = None,
   ):
     self._specs = dict(specs)
     self.modules = dict(modules or {})
     self.unsupported = dict(unsupported or {})
+    self.value_sources = dict(value_sources or {})
 
   def __getitem__(self, path: Path) -> LayerSpec:
     return self._specs[path]
@@ -157,7 +164,7 @@ def _check_against_params(path: Path, spec: LayerSpec, params: Any) -> None:
 
 
 def _spec_from_params(
-    path: Path, call: _capture.LayerCall, stat_shape: tuple[int, ...],
+    path: Path, call: _rules.LayerCall, stat_shape: tuple[int, ...],
     params: Any,
 ) -> LayerSpec:
   per_layer = (call.blocks, 0) if call.blocks > 1 else (0,)
@@ -190,22 +197,24 @@ def _spec_from_params(
   return spec
 
 
-def find_layers(
-    apply_fn: Callable[..., Any], variables: Any, *args, **kwargs
-) -> Layers:
+def find_layers(apply_fn: Callable[..., Any], *args, **kwargs) -> Layers:
   """Finds the layers MAC preconditions by tracing one forward pass.
 
   The forward pass runs under ``jax.eval_shape``, so it costs no FLOPs. Pass
-  the same arguments as to ``model.apply`` in training (including
-  ``mutable=['batch_stats']``, ``rngs=`` or a ``train`` flag): layers that a
-  different call would skip are not found.
+  the same arguments as in training (including ``mutable=['batch_stats']``,
+  ``rngs=`` or a ``train`` flag): layers that a different call would skip are
+  not found.
+
+  Linen: ``find_layers(model.apply, variables, *args, **kwargs)``. NNX:
+  ``find_layers(model, *args, **kwargs)``; the model is not changed.
 
   Args:
-    apply_fn: ``model.apply``, or the :func:`capture` wrapper used for
-      training when it was built with non-default options.
-    variables: the model variables, ``{'params': ..., ...}``.
-    *args: positional arguments of ``apply_fn`` after ``variables``.
-    **kwargs: keyword arguments of ``apply_fn``.
+    apply_fn: ``model.apply`` (linen), the model (NNX), or the
+      :func:`capture` wrapper used for training when it was built with
+      non-default options.
+    *args: the arguments of the call: for linen the variables
+      (``{'params': ..., ...}``) and then the inputs.
+    **kwargs: keyword arguments of the call.
 
   Returns:
     A :class:`Layers` mapping, to pass as ``layers=`` to :func:`mac` or
@@ -219,27 +228,37 @@ def find_layers(
     >>> mac_optax.find_layers(model.apply, variables, x)
     Layers(layers_0, layers_2)
   """
-  if not isinstance(apply_fn, _capture.Capture):
-    apply_fn = _capture.capture(apply_fn)
-  recorder = _capture.Recorder()
-  _, stats = jax.eval_shape(
-      lambda: apply_fn.apply_with_recorder(recorder, variables, *args, **kwargs)
-  )
-  params = variables.get('params', {}) if isinstance(variables, Mapping) else {}
-  flat_stats = flatten_stats(stats)
-  lost = [path for path in recorder.layers if path not in flat_stats]
-  if lost:
-    raise ValueError(
-        f'the statistics of {", ".join(map(path_str, lost))} were recorded but'
-        " did not come out of apply. Inside nn.scan or nn.vmap, add"
-        f" '{_capture.STATS_COLLECTION}' to variable_axes."
+  recorder = _tracking.Recorder()
+  if isinstance(apply_fn, _nnx.NNXCapture) or _nnx.is_nnx(apply_fn):
+    capture_fn = apply_fn
+    if not isinstance(capture_fn, _nnx.NNXCapture):
+      capture_fn = _nnx.NNXCapture(apply_fn)
+    graphdef, state = nnx.split(capture_fn.model)
+    _, stats = jax.eval_shape(
+        lambda s: capture_fn.bound_to(nnx.merge(graphdef, s)).run(
+            recorder, *args, **kwargs),
+        state,
     )
+    params = nnx.state(capture_fn.model, nnx.Param)
+  else:
+    if not isinstance(apply_fn, _capture.Capture):
+      apply_fn = _capture.Capture(apply_fn)
+    if not args:
+      raise TypeError('find_layers(model.apply, variables, *inputs): the'
+                      ' variables are missing.')
+    variables = args[0]
+    _, stats = jax.eval_shape(
+        lambda: apply_fn.apply_with_recorder(recorder, *args, **kwargs)
+    )
+    params = (variables.get('params', {})
+              if isinstance(variables, Mapping) else {})
   specs = {}
-  for path, stat in flat_stats.items():
+  for path, stat in (flatten_stats(stats) if stats else {}).items():
     specs[path] = _spec_from_params(
         path, recorder.layers[path], tuple(stat.shape), params
     )
-  return Layers(specs, recorder.modules, recorder.unsupported)
+  return Layers(specs, recorder.modules, recorder.unsupported,
+                recorder.value_sources)
 
 
 def _owner(layers: Layers, path: Path) -> Path:
@@ -293,6 +312,8 @@ def summary(layers: Layers, params: Any) -> str:
       blocks = f' x{spec.blocks} blocks' if spec.blocks > 1 else ''
       status = f'preconditioned: {spec.kind} ({spec.module}), d={spec.dim}'
       status += blocks
+      if module_path in layers.value_sources:
+        status += f'; {layers.value_sources[module_path]}'
     else:
       owner = _owner(layers, module_path)
       reason = layers.unsupported.get(owner, layers.modules.get(owner, '?'))

@@ -1,18 +1,24 @@
-"""The ``mac_stats`` tree: per-layer statistics that can be merged exactly.
+"""The ``mac_stats`` tree: per-layer statistics that merge exactly.
 
-Every preconditioned layer has one node at its module path holding weighted
-means. Each mean comes with the count of rows behind it, so that means over
-several calls, micro-batches, devices or hosts combine into the mean over all
-of their rows, exactly as if the whole batch had been seen at once:
+Every preconditioned layer has one node at its module path. Its fields are
+weighted means, each with the count of rows behind it, so that the statistics
+of several calls, micro-batches, devices or hosts merge into the statistics of
+all their rows at once:
 
-* ``mean_input``: the mean input row ``ā`` (weight ``rows``), the statistic
-  the preconditioner uses.
-* For the reference attention value statistic ``v = Σ_j p̄_j x̄_j``, which is
-  a product of two means and therefore not itself mergeable, its factors:
-  ``key_attention`` (``p̄``, the attention each key receives averaged over
-  query rows, weight ``rows``) and ``position_input`` (``x̄``, the value input
-  at each key position averaged over examples, weight ``examples``).
-  ``mean_input`` is recomputed from them after every merge.
+* ``mean_input`` (weight ``rows``): the mean input row ``ā``, the statistic the
+  preconditioner uses, shape ``(..., [blocks,] d)``.
+* The reference attention value statistic ``v = Σ_j p̄_j x̄_j`` is a product
+  of two means, so its factors are kept and ``v`` is recomputed after every
+  merge: ``key_attention`` (``p̄``, the attention each key receives averaged
+  over unmasked query rows, weight ``query_rows``) and ``position_input``
+  (``x̄``, the value input at each key position averaged over examples,
+  weight ``examples``).
+* A fused query/key/value projection needs two statistics: ``plain_input``
+  (weight ``rows``) for its query and key blocks and ``value_input`` for its
+  value blocks (weight ``query_rows``; from the factors above in the
+  reference form). ``block_source`` says which one each output block uses
+  (-1: plain, h >= 0: row h of ``value_input``), and ``mean_input`` is
+  assembled from them.
 
 Layers stacked by ``nn.scan`` carry the stacked axes in front of every field.
 """
@@ -26,14 +32,25 @@ import jax.numpy as jnp
 
 MEAN = 'mean_input'
 ROWS = 'rows'
+PLAIN = 'plain_input'
+VALUE = 'value_input'
 KEY_ATTENTION = 'key_attention'
 POSITION_INPUT = 'position_input'
+QUERY_ROWS = 'query_rows'
 EXAMPLES = 'examples'
+BLOCK_SOURCE = 'block_source'
 
-# Which count weighs each mean.
-_WEIGHT_OF = {MEAN: ROWS, KEY_ATTENTION: ROWS, POSITION_INPUT: EXAMPLES}
-_COUNTS = (ROWS, EXAMPLES)
-FIELDS = frozenset(_WEIGHT_OF) | frozenset(_COUNTS)
+# The count that weighs each mean, when the mean is not derived from others.
+_WEIGHT_OF = {
+    MEAN: ROWS,
+    PLAIN: ROWS,
+    VALUE: QUERY_ROWS,
+    KEY_ATTENTION: QUERY_ROWS,
+    POSITION_INPUT: EXAMPLES,
+}
+_COUNTS = (ROWS, QUERY_ROWS, EXAMPLES)
+_FACTORS = (KEY_ATTENTION, POSITION_INPUT, EXAMPLES)
+FIELDS = frozenset(_WEIGHT_OF) | frozenset(_COUNTS) | {BLOCK_SOURCE}
 
 Path = tuple[Any, ...]
 
@@ -51,8 +68,33 @@ def value_mean(key_attention: jax.Array, position_input: jax.Array):
   return jnp.einsum('...n,...nd->...d', key_attention, position_input)
 
 
+def _derived(node: Mapping[str, Any]) -> set[str]:
+  derived = set()
+  if KEY_ATTENTION in node:
+    derived.add(VALUE if BLOCK_SOURCE in node else MEAN)
+  if BLOCK_SOURCE in node:
+    derived.add(MEAN)
+  return derived
+
+
+def rebuild(node: dict[str, Any]) -> dict[str, Any]:
+  """Recomputes the derived fields of a layer node from its primary ones."""
+  if KEY_ATTENTION in node:
+    value = value_mean(node[KEY_ATTENTION], node[POSITION_INPUT])
+    if BLOCK_SOURCE in node:
+      node[VALUE] = value[..., None, :]
+    else:
+      node[MEAN] = value
+  if BLOCK_SOURCE in node:
+    table = jnp.concatenate([node[PLAIN][..., None, :], node[VALUE]], axis=-2)
+    index = (node[BLOCK_SOURCE] + 1)[..., None]
+    node[MEAN] = jnp.take_along_axis(table, index, axis=-2)
+  return node
+
+
 def _expand(weight: jax.Array, like: jax.Array) -> jax.Array:
-  """Count of shape ``stack`` broadcast against a mean ``stack + (...)``."""
+  """A count of shape ``stack`` broadcast against a mean ``stack + (...)``."""
+  weight = jnp.asarray(weight)
   return weight.reshape(weight.shape + (1,) * (like.ndim - weight.ndim))
 
 
@@ -61,47 +103,60 @@ def _divide(summed: jax.Array, total: jax.Array) -> jax.Array:
   return jnp.where(total > 0, summed / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def _weighted_mean(means, weights, total):
-  return _divide(sum(m * _expand(w, m) for m, w in zip(means, weights)), total)
+def _reduce_node(node, weighted_sum: Callable, total: Callable):
+  """Merging: counts add up, primary means are count-weighted averages.
+
+  ``total(node, name)`` is the merged count ``name``, or the number of parts
+  merged for ``None`` (the weight of a mean that came without its count).
+  """
+  result = {c: total(node, c) for c in _COUNTS if c in node}
+  if BLOCK_SOURCE in node:
+    result[BLOCK_SOURCE] = node[BLOCK_SOURCE]
+  derived = _derived(node)
+  for field, weight_name in _WEIGHT_OF.items():
+    if field in node and field not in derived:
+      weight_total = result.get(weight_name)
+      if weight_total is None:
+        weight_total = total(node, None)
+      result[field] = _divide(weighted_sum(node, field, weight_name),
+                              weight_total)
+  return rebuild(result)
 
 
-def _mergeable(entries: Sequence[Mapping[str, jax.Array]], field: str) -> bool:
-  shapes = {jnp.shape(e[field]) for e in entries if field in e}
-  return len(shapes) == 1 and all(field in e for e in entries)
-
-
-def merge_layer(
-    entries: Sequence[Mapping[str, jax.Array]],
-) -> dict[str, jax.Array]:
+def merge_layer(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """Merges one layer's statistics from several calls or batches.
 
-  The result is the statistic of all their rows together. A reference value
-  statistic whose factors cannot be stacked (the layer was called on sequences
-  of different lengths) falls back to the row-weighted mean of ``mean_input``.
+  The result is the statistic of all their rows together. Reference value
+  factors that cannot be stacked (the layer saw sequences of different
+  lengths) are dropped, and the value statistics merge by their row counts.
   """
   if len(entries) == 1:
     return dict(entries[0])
+  entries = [dict(e) for e in entries]
+  if len({jnp.shape(e[POSITION_INPUT]) if POSITION_INPUT in e else None
+           for e in entries}) > 1:
+    for entry in entries:
+      for field in _FACTORS:
+        entry.pop(field, None)
+  fields = set(entries[0])
+  for entry in entries[1:]:
+    fields &= set(entry)
+  entries = [{k: e[k] for k in fields} for e in entries]
   ones = jnp.ones([], jnp.float32)
-  result = {}
-  for count in _COUNTS:
-    if all(count in e for e in entries):
-      result[count] = sum(e[count] for e in entries)
-  rows = [e.get(ROWS, ones) for e in entries]
-  total_rows = result.get(ROWS, sum(rows))
-  if _mergeable(entries, KEY_ATTENTION) and _mergeable(entries, POSITION_INPUT):
-    result[KEY_ATTENTION] = _weighted_mean(
-        [e[KEY_ATTENTION] for e in entries], rows, total_rows)
-    result[POSITION_INPUT] = _weighted_mean(
-        [e[POSITION_INPUT] for e in entries], [e[EXAMPLES] for e in entries],
-        result[EXAMPLES])
-    result[MEAN] = value_mean(result[KEY_ATTENTION], result[POSITION_INPUT])
-  else:
-    result.pop(EXAMPLES, None)
-    result[MEAN] = _weighted_mean([e[MEAN] for e in entries], rows, total_rows)
-  return result
+
+  def weighted_sum(_, field, weight_name):
+    return sum(e[field] * _expand(e.get(weight_name, ones), e[field])
+               for e in entries)
+
+  def total(_, count):
+    if count is None:
+      return jnp.asarray(len(entries), jnp.float32)
+    return sum(e[count] for e in entries)
+
+  return _reduce_node(entries[0], weighted_sum, total)
 
 
-def map_layers(fn: Callable[[Path, Any], Any], stats: Any, *rest: Any) -> Any:
+def map_layers(fn: Callable[..., Any], stats: Any, *rest: Any) -> Any:
   """Applies ``fn(path, node, *rest_nodes)`` to every layer node of the trees."""
 
   def walk(path, node, others):
@@ -124,7 +179,13 @@ def merge(trees: Sequence[Any]) -> Any:
   """Merges whole ``mac_stats`` trees, e.g. of micro-batches.
 
   The trees must hold the same layers. The result equals the statistics of
-  all their batches at once, weighted by each layer's row counts.
+  all their batches at once, each layer weighted by its row counts.
+
+  Args:
+    trees: ``mac_stats`` trees from :func:`mac_optax.capture`.
+
+  Returns:
+    One ``mac_stats`` tree.
   """
   if not trees:
     raise ValueError('merge needs at least one mac_stats tree.')
@@ -137,26 +198,26 @@ def all_reduce(stats: Any, axis_name: Any) -> Any:
   Every mean is summed with its count over ``axis_name`` (``lax.psum``) and
   divided by the total count, so each device ends up with the global-batch
   statistic, even when devices saw different numbers of (unmasked) rows.
+
+  Args:
+    stats: this device's ``mac_stats``.
+    axis_name: the mapped axis (or axes) to merge over.
+
+  Returns:
+    The global ``mac_stats``, equal on every device.
   """
+  ones = jnp.ones([], jnp.float32)
 
-  def reduce(_, node):
-    ones = jnp.ones([], jnp.float32)
-    result = {c: jax.lax.psum(node[c], axis_name) for c in _COUNTS if c in node}
-    for field, weight_name in _WEIGHT_OF.items():
-      if field not in node or (field == MEAN and KEY_ATTENTION in node):
-        continue
-      weight = node.get(weight_name, ones)
-      total = result.get(weight_name)
-      if total is None:
-        total = jax.lax.psum(weight, axis_name)
-      summed = jax.lax.psum(node[field] * _expand(weight, node[field]),
-                            axis_name)
-      result[field] = _divide(summed, total)
-    if KEY_ATTENTION in node:
-      result[MEAN] = value_mean(result[KEY_ATTENTION], result[POSITION_INPUT])
-    return result
+  def weighted_sum(node, field, weight_name):
+    weight = node.get(weight_name, ones)
+    return jax.lax.psum(node[field] * _expand(weight, node[field]), axis_name)
 
-  return map_layers(reduce, stats)
+  def total(node, count):
+    return jax.lax.psum(ones if count is None else node[count], axis_name)
+
+  return map_layers(
+      lambda _, node: _reduce_node(node, weighted_sum, total), stats
+  )
 
 
 def mean_inputs(stats: Any) -> dict[Path, jax.Array]:

@@ -35,7 +35,7 @@ def record_raw(next_fun, args, kwargs, context):
       module.sow(RAW, 'mask', mask)
     return next_fun(*args, **kwargs)
   outputs = next_fun(*args, **kwargs)
-  if isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv)):
+  if isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)):
     module.sow(RAW, 'inputs', args[0] if args else kwargs['inputs'])
     module.sow(RAW, 'outputs', outputs)
   return outputs

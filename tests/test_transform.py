@@ -349,9 +349,13 @@ def test_scanned_layers_are_preconditioned_per_layer():
                                rtol=2e-5, atol=2e-6)
 
 
-def test_scan_without_stats_axis_is_an_error_not_a_silent_skip():
-  model = _scanned({'params': 0})
-  x = jnp.ones((5, 3))
-  variables = model.init(jax.random.key(1), x)
-  with pytest.raises(ValueError, match="layers/fc .*add 'mac_stats'"):
-    mac_optax.find_layers(model.apply, variables, x)
+def test_scan_listing_only_params_gives_the_same_statistics():
+  x = jax.random.normal(jax.random.key(0), (5, 3)) + 1.0
+  listed = _scanned({'params': 0, 'mac_stats': 0})
+  unlisted = _scanned({'params': 0})
+  variables = listed.init(jax.random.key(1), x)
+  _, expected = mac_optax.capture(listed.apply)(variables, x)
+  _, stats = mac_optax.capture(unlisted.apply)(variables, x)
+  jax.tree.map(np.testing.assert_array_equal, stats, expected)
+  layers = mac_optax.find_layers(unlisted.apply, variables, x)
+  assert layers[('layers', 'fc')].stack_shape == (3,)

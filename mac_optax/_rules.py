@@ -1,0 +1,481 @@
+"""How MAC reads each kind of layer: a table of rules keyed by module class.
+
+A *layer rule* turns one call of a layer into its MAC statistic: the mean of
+the rows the kernel multiplies (input rows for dense layers, im2col patches for
+convolutions), laid out like the kernel's input axes. An *attention rule* says
+where an attention module's projections and probabilities are, so that its
+value projection gets the attention-weighted statistic. The same rules serve
+Flax linen and Flax NNX; modules that only pass through (norms, embeddings)
+have a rule that names the reason.
+
+Users extend the table with :func:`register_attention` (attention written by
+hand) and :func:`register_layer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import opt_einsum
+
+from mac_optax import _conv
+
+Arguments = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+  """What one call says about a preconditioned layer's geometry.
+
+  Attributes:
+    kind: ``'dense'``, ``'conv'``, ``'conv_transpose'``, ``'conv_local'``,
+      ``'einsum'``, ``'attention_value'`` or ``'attention_qkv'``.
+    module: the module's class name.
+    in_shape: the kernel axes contracted with the input.
+    blocks: output blocks with a statistic each (groups, heads, q/k/v).
+    has_bias: whether the bias is preconditioned jointly.
+  """
+
+  kind: str
+  module: str
+  in_shape: tuple[int, ...]
+  blocks: int
+  has_bias: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistic:
+  """One call's statistic: ``mean`` is ``(*per_slice, blocks, d_in)`` fp32.
+
+  ``per_slice`` are kernel axes that hold separate weights per slice (the
+  batch dims of a ``DenseGeneral``, the positions of a ``ConvLocal``); the
+  bias coordinate is not included yet.
+  """
+
+  mean: jax.Array
+  rows: Any
+  call: LayerCall
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Capture options that rules consult."""
+
+  attention_aware: bool = True
+  value_stat: str = 'reference'
+  depthwise_shared: bool = True
+
+
+def _moved_mean(inputs, contracted, sliced=()):
+  """Mean over all axes but ``sliced`` and ``contracted`` (flattened last)."""
+  ndim = inputs.ndim
+  rest = [a for a in range(ndim) if a not in contracted and a not in sliced]
+  moved = jnp.transpose(inputs, tuple(sliced) + tuple(rest) + tuple(contracted))
+  slice_shape = tuple(inputs.shape[a] for a in sliced)
+  rows = math.prod(inputs.shape[a] for a in rest)
+  in_shape = tuple(inputs.shape[a] for a in contracted)
+  flat = moved.reshape(slice_shape + (rows, math.prod(in_shape)))
+  mean = jnp.mean(flat, axis=len(slice_shape), dtype=jnp.float32)
+  return mean[..., None, :], rows, in_shape
+
+
+def _normalize_axes(axes, ndim) -> tuple[int, ...]:
+  return tuple(sorted(int(a) % ndim for a in np.atleast_1d(axes)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseRule:
+  """Dense layers: mean input row over all non-contracted axes.
+
+  Attributes:
+    axes: the module's contracted input axes.
+    has_bias: whether the module adds a bias.
+    batch_axes: input axes with separate weights per index (they lead the
+      kernel), or none.
+  """
+
+  axes: Callable[[Any], Any]
+  has_bias: Callable[[Any], bool]
+  batch_axes: Callable[[Any], Any] = lambda module: ()
+
+  def read(self, module, arguments: Arguments, inputs, options) -> Statistic:
+    del arguments, options
+    axes = _normalize_axes(self.axes(module), inputs.ndim)
+    batch = tuple(self.batch_axes(module))
+    batch = _normalize_axes(batch, inputs.ndim) if batch else ()
+    mean, rows, in_shape = _moved_mean(inputs, axes, batch)
+    call = LayerCall('dense', type(module).__name__, in_shape, 1,
+                     self.has_bias(module))
+    return Statistic(mean, rows, call)
+
+
+@dataclasses.dataclass(frozen=True)
+class EinsumRule:
+  """``Einsum`` layers whose equation is a plain contraction.
+
+  The kernel's axes must be the contracted input axes followed by output
+  axes, and the bias (if any) must cover exactly the kernel's output axes.
+  Kernel axes that also index the input and the output (per-expert weights of
+  a mixture of experts) are not a plain contraction and pass through.
+  """
+
+  equation: Callable[[Any, Arguments], str]
+  kernel_shape: Callable[[Any], Sequence[int]]
+  bias_shape: Callable[[Any, str, str, Sequence[int]], Any]
+
+  def read(self, module, arguments, inputs, options) -> Statistic | str:
+    del options
+    equation = self.equation(module, arguments).replace(' ', '')
+    kernel_shape = tuple(self.kernel_shape(module))
+    kernel = jax.ShapeDtypeStruct(kernel_shape, jnp.float32)
+    operands, output, _ = opt_einsum.parser.parse_einsum_input(
+        (equation, jax.ShapeDtypeStruct(inputs.shape, inputs.dtype), kernel)
+    )
+    lhs, rhs = operands.split(',')
+    shared = [c for c in rhs if c in lhs and c in output]
+    if shared:
+      return (f'einsum {equation!r}: kernel axes {"".join(shared)} also index'
+              ' the input and the output (batched or per-expert weights)')
+    contracted = [c for c in rhs if c in lhs]
+    if any(c not in lhs and c not in output for c in rhs) or any(
+        c not in rhs and c not in output for c in lhs):
+      return f'einsum {equation!r} sums an axis of one operand alone'
+    if list(rhs[: len(contracted)]) != contracted:
+      return (f'einsum {equation!r}: the kernel axes are not the contracted'
+              ' input axes followed by the output axes')
+    out_letters = rhs[len(contracted):]
+    bias_shape = self.bias_shape(module, rhs, output, kernel_shape)
+    has_bias = bias_shape is not None
+    expected_bias = tuple(kernel_shape[len(contracted):])
+    if has_bias and (
+        tuple(bias_shape) != expected_bias
+        or [c for c in output if c in rhs] != list(out_letters)
+    ):
+      return (f'einsum {equation!r}: the bias of shape {tuple(bias_shape)}'
+              ' does not cover the kernel output axes in order')
+    axes = [lhs.index(c) for c in contracted]
+    mean, rows, in_shape = _moved_mean(inputs, axes)
+    call = LayerCall('einsum', type(module).__name__, in_shape, 1, has_bias)
+    return Statistic(mean, rows, call)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvRule:
+  """Convolutions with shared weights: the mean im2col patch."""
+
+  has_bias: Callable[[Any], bool]
+
+  def read(self, module, arguments, inputs, options) -> Statistic | str:
+    del arguments
+    if module.mask is not None:
+      return 'Conv with a kernel mask'
+    geometry = _conv.geometry_of(module)
+    mean, rows = _conv.mean_patch(inputs, geometry)
+    groups = geometry.feature_group_count
+    channels = inputs.shape[-1]
+    if options.depthwise_shared and 1 < groups == channels:
+      mean = jnp.mean(mean, axis=0, keepdims=True)
+    in_shape = geometry.kernel_size + (channels // groups,)
+    call = LayerCall('conv', type(module).__name__, in_shape, mean.shape[0],
+                     self.has_bias(module))
+    return Statistic(mean, rows, call)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvTransposeRule:
+  """Transposed convolutions: the mean patch of the equivalent convolution.
+
+  ``lax.conv_transpose`` is a stride-1 convolution of the input dilated by
+  the strides, so its statistic is that convolution's mean patch.
+  """
+
+  has_bias: Callable[[Any], bool]
+
+  def read(self, module, arguments, inputs, options) -> Statistic | str:
+    del arguments, options
+    if module.mask is not None:
+      return 'ConvTranspose with a kernel mask'
+    if module.transpose_kernel:
+      return ('ConvTranspose with transpose_kernel=True (its kernel is laid'
+              ' out (*kernel_size, out, in))')
+    if isinstance(module.padding, str) and module.padding.upper() == 'CIRCULAR':
+      return 'ConvTranspose with CIRCULAR padding (outputs are wrapped)'
+    geometry = _conv.transpose_geometry_of(module)
+    mean, rows = _conv.mean_patch(inputs, geometry)
+    in_shape = geometry.kernel_size + (inputs.shape[-1],)
+    call = LayerCall('conv_transpose', type(module).__name__, in_shape, 1,
+                     self.has_bias(module))
+    return Statistic(mean, rows, call)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvLocalRule:
+  """Unshared convolutions: one mean patch per output position."""
+
+  def read(self, module, arguments, inputs, options) -> Statistic | str:
+    del arguments, options
+    if module.mask is not None:
+      return 'ConvLocal with a kernel mask'
+    geometry = _conv.geometry_of(module)
+    mean, rows = _conv.mean_patch_per_position(inputs, geometry)
+    call = LayerCall('conv_local', type(module).__name__, (mean.shape[-1],),
+                     1, module.use_bias)
+    return Statistic(mean[..., None, :], rows, call)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassThrough:
+  """A module MAC sees but does not precondition, and why."""
+
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionRule:
+  """Where an attention module's projections and probabilities are.
+
+  Attributes:
+    query: child name (or tuple path) of the query projection.
+    key: child name of the key projection.
+    value: child name of the value projection; it gets the attention-weighted
+      statistic.
+    qkv: child name of a fused projection producing query, key and value
+      (instead of ``query``/``key``/``value``).
+    qkv_layout: output-feature layout of the fused projection: ``'qkv'`` for
+      ``(3, heads, head_dim)`` (timm, nanoGPT, Hugging Face GPT-2) or
+      ``'heads'`` for ``(heads, 3, head_dim)`` (interleaved per head).
+    num_heads: heads, or a callable of the module; needed when the
+      projections are not head-shaped (plain ``Dense``).
+    mask: a callable ``(module, arguments) -> bool mask or None``
+      broadcastable to ``(batch, heads, queries, keys)`` (True = attend), or
+      the name of the call argument holding it.
+    causal: a bool, or a callable ``(module, arguments) -> bool``: the module
+      also applies a causal mask.
+    query_norm: child applied to the query projection before the logits.
+    key_norm: child applied to the key projection before the logits.
+    probabilities: a callable ``(module, arguments, outputs) -> (batch, heads,
+      queries, keys)`` probabilities the module exposes (e.g. read from a sown
+      variable); None recomputes ``softmax(q kᵀ · scale)`` under the mask from
+      the projections.
+    scale: logit scale; None for ``1/sqrt(head_dim)``.
+    skip: a callable ``(module, arguments) -> bool``: calls to ignore (e.g.
+      autoregressive decoding).
+  """
+
+  query: Any = 'query'
+  key: Any = 'key'
+  value: Any = 'value'
+  qkv: Any = None
+  qkv_layout: str = 'qkv'
+  num_heads: Any = None
+  mask: Any = 'mask'
+  causal: Any = False
+  query_norm: Any = None
+  key_norm: Any = None
+  probabilities: Callable[..., Any] | None = None
+  scale: float | None = None
+  skip: Callable[[Any, Arguments], bool] | None = None
+
+  def __post_init__(self):
+    if self.qkv_layout not in ('qkv', 'heads'):
+      raise ValueError(
+          f"qkv_layout must be 'qkv' or 'heads', got {self.qkv_layout!r}."
+      )
+    if self.qkv is None and self.value is None:
+      raise ValueError('an attention rule needs `value` or `qkv`.')
+
+  def role_of(self, relative: tuple[Any, ...]) -> str | None:
+    """Which projection a child (path relative to the module) is."""
+    for role in ('query', 'key', 'value', 'qkv', 'query_norm', 'key_norm'):
+      name = getattr(self, role)
+      if name is not None and _as_path(name) == relative:
+        return role
+    return None
+
+  def heads(self, module) -> int | None:
+    if self.num_heads is None:
+      return None
+    if callable(self.num_heads):
+      return int(self.num_heads(module))
+    return int(self.num_heads)
+
+  def mask_of(self, module, arguments: Arguments):
+    if self.mask is None:
+      mask = None
+    elif callable(self.mask):
+      mask = self.mask(module, arguments)
+    else:
+      mask = arguments.get(self.mask)
+    causal = self.causal(module, arguments) if callable(self.causal) else (
+        self.causal)
+    return mask, bool(causal)
+
+
+def _as_path(name) -> tuple[Any, ...]:
+  return tuple(name) if isinstance(name, (tuple, list)) else (name,)
+
+
+_LAYER_RULES: dict[type, Any] = {}
+_ATTENTION_RULES: dict[type, AttentionRule] = {}
+
+
+def register_layer(module_class: type, rule: Any) -> None:
+  """Registers how MAC reads a layer class (and its subclasses).
+
+  Args:
+    module_class: a Flax linen or NNX module class.
+    rule: a rule such as the one of a built-in class
+      (``mac_optax.rule_of(nn.Dense)``), or ``PassThrough(reason)``.
+  """
+  _LAYER_RULES[module_class] = rule
+
+
+def register_attention(module_class: type, rule: AttentionRule | None = None,
+                       **fields) -> AttentionRule:
+  r"""Declares an attention module written by hand, once per class.
+
+  Calls of ``module_class`` (and its subclasses) then give their value
+  projection MAC's attention-aware statistic, exactly as for Flax's own
+  attention: the value rows of the gradient are preconditioned with the
+  attention-weighted mean input :math:`v = \sum_j \bar p_j \bar x_j`, under
+  the module's mask. The query, key (and output) projections keep their plain
+  statistic. Works for linen and NNX modules.
+
+  Args:
+    module_class: the attention module class.
+    rule: an :class:`AttentionRule`, or None to build one from ``fields``.
+    **fields: :class:`AttentionRule` fields.
+
+  Returns:
+    The registered rule.
+
+  Examples:
+    Hugging Face-style attention: three ``nn.Dense`` projections, heads split
+    by reshaping, probabilities from ``dot_product_attention_weights`` under a
+    padding mask given as ``attention_mask`` (1 = token, 0 = padding):
+
+    >>> import flax.linen as nn, mac_optax
+    >>> class SelfAttention(nn.Module):
+    ...   heads: int = 2
+    ...   @nn.compact
+    ...   def __call__(self, x, attention_mask):
+    ...     ...
+    >>> rule = mac_optax.register_attention(
+    ...     SelfAttention,
+    ...     num_heads=lambda module: module.heads,
+    ...     mask=lambda module, args: args['attention_mask'][:, None, None, :] > 0,
+    ... )
+  """
+  if rule is None:
+    rule = AttentionRule(**fields)
+  elif fields:
+    rule = dataclasses.replace(rule, **fields)
+  _ATTENTION_RULES[module_class] = rule
+  return rule
+
+
+def _lookup(table: Mapping[type, Any], cls: type):
+  for base in cls.__mro__:
+    if base in table:
+      return table[base]
+  return None
+
+
+def attention_rule_of(module) -> AttentionRule | None:
+  return _lookup(_ATTENTION_RULES, type(module))
+
+
+def rule_of(module_or_class) -> Any:
+  """The layer rule for a module (or class), or None if MAC does not know it."""
+  cls = (module_or_class if isinstance(module_or_class, type)
+         else type(module_or_class))
+  return _lookup(_LAYER_RULES, cls)
+
+
+def rule_classes() -> tuple[type, ...]:
+  """Every class with a rule (for NNX, whose calls must be wrapped)."""
+  return tuple(_LAYER_RULES) + tuple(_ATTENTION_RULES)
+
+
+# --------------------------------------------------------------------------
+# Built-in rules.
+
+
+def _linen_bias(module) -> bool:
+  return bool(module.use_bias)
+
+
+def _nnx_bias(module) -> bool:
+  return getattr(module, 'bias', None) is not None
+
+
+def _linen_einsum_bias(module, kernel_letters, output_letters, kernel_shape):
+  if not module.use_bias:
+    return None
+  return tuple(kernel_shape[kernel_letters.index(c)]
+               for c in output_letters if c in kernel_letters)
+
+
+def _decode_call(module, arguments) -> bool:
+  decode = arguments.get('decode')
+  return bool(module.decode if decode is None else decode)
+
+
+register_layer(nn.Dense, DenseRule(lambda m: -1, _linen_bias))
+register_layer(
+    nn.DenseGeneral,
+    DenseRule(lambda m: m.axis, _linen_bias, lambda m: m.batch_dims),
+)
+register_layer(nn.Conv, ConvRule(_linen_bias))
+register_layer(nn.ConvTranspose, ConvTransposeRule(_linen_bias))
+register_layer(nn.ConvLocal, ConvLocalRule())
+register_layer(
+    nn.Einsum,
+    EinsumRule(
+        lambda m, args: args.get('einsum_str') or m.einsum_str,
+        lambda m: m.shape,
+        _linen_einsum_bias,
+    ),
+)
+register_layer(nnx.Linear, DenseRule(lambda m: -1, _nnx_bias))
+register_layer(
+    nnx.LinearGeneral,
+    DenseRule(lambda m: m.axis, _nnx_bias, lambda m: tuple(m.batch_axis)),
+)
+register_layer(nnx.Conv, ConvRule(_nnx_bias))
+register_layer(nnx.ConvTranspose, ConvTransposeRule(_nnx_bias))
+register_layer(
+    nnx.Einsum,
+    EinsumRule(
+        lambda m, args: args.get('einsum_str') or m.einsum_str,
+        lambda m: m.kernel_shape,
+        lambda m, kernel_letters, output_letters, kernel_shape: (
+            None if m.bias is None else tuple(m.bias_shape)),
+    ),
+)
+_EMBED = PassThrough(
+    'embedding (its input is token ids; the reference passes embeddings'
+    ' through)')
+register_layer(nn.Embed, _EMBED)
+register_layer(nnx.Embed, _EMBED)
+
+register_attention(
+    nn.MultiHeadDotProductAttention,
+    query_norm='query_ln',
+    key_norm='key_ln',
+    skip=lambda module, arguments: bool(module.decode),
+)
+register_attention(
+    nnx.MultiHeadAttention,
+    query_norm='query_ln',
+    key_norm='key_ln',
+    causal=lambda module, arguments: bool(arguments.get('is_causal')),
+    skip=_decode_call,
+)
