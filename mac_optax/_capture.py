@@ -15,9 +15,10 @@ only when it is needed, and strips again, so the model needs no edit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 from flax.core import scope as flax_scope
@@ -37,6 +38,7 @@ NESTED_NAME = '__mac_nested__'
 _WEIGHTS_COLLECTION = 'intermediates'
 _WEIGHTS_NAME = 'attention_weights'
 _CHANNELS = (_WEIGHTS_COLLECTION, 'params')
+ORIGINAL_APPLY = nn.Module.apply
 
 Path = _stats.Path
 path_str = _stats.path_str
@@ -93,13 +95,39 @@ class Interceptor:
   def __init__(self, tracker: _tracking.Tracker):
     self.tracker = tracker
     self.injected_weight_paths: list[Path] = []
+    self.nested_applies = 0
+
+  @contextlib.contextmanager
+  def passing_nested_applies(self) -> Iterator[None]:
+    """Lets ``Module.apply`` calls made inside the captured one pass through.
+
+    A model may run another module through its own ``apply`` (Hugging Face
+    BERT's output decoder, tied to the word embedding, is applied to the
+    embedding's transpose). Such a layer's weights are not parameters of the
+    captured model, so they are not its layers.
+    """
+    outer = nn.Module.apply
+
+    @functools.wraps(outer)
+    def nested_apply(module, *args, **kwargs):
+      self.nested_applies += 1
+      try:
+        return ORIGINAL_APPLY(module, *args, **kwargs)
+      finally:
+        self.nested_applies -= 1
+
+    nn.Module.apply = nested_apply
+    try:
+      yield
+    finally:
+      nn.Module.apply = outer
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
     # Lifted transforms (scan, remat, vmap, jit) add pseudo-calls of subclasses
     # of the wrapped module under a '<lambda>' method: only real calls count.
     if (context.method_name != '__call__' or module.is_initializing()
-        or self.tracker.is_active(module)):
+        or self.nested_applies or self.tracker.is_active(module)):
       return next_fun(*args, **kwargs)
     path = tuple(module.path)
     if isinstance(module, nnx_bridge.ToLinen):
@@ -296,7 +324,8 @@ class Capture:
       ours.append('params')
     # The interceptor is entered here, inside whatever function the caller
     # traces, because intercept_methods is not part of jax.jit's cache key.
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(interceptor), (
+        interceptor.passing_nested_applies()):
       outputs, state = self.apply_fn(
           variables,
           *args,

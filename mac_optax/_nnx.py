@@ -74,9 +74,13 @@ def _attention(tracker, module, path, rule, bound, original):
   arguments = bound.arguments
   with tracker.attention_call(module, path, rule, arguments) as frame:
     attention_fn = getattr(module, 'attention_fn', None)
+    # Without dropout or sown weights, Flax's attention_fn takes the fused
+    # jax.nn.dot_product_attention path and never forms probabilities; they
+    # are recomputed then rather than forcing the model off that path.
     probe = (
         frame is not None
         and isinstance(module, nnx.MultiHeadAttention)
+        and (arguments.get('sow_weights') or module.dropout_rate > 0)
         and 'module' in _signature(attention_fn).parameters
     )
     if probe:
@@ -139,7 +143,7 @@ def _classes_to_wrap(modules) -> set[type]:
       classes.add(type(module))
       for role in ('query_norm', 'key_norm'):
         name = getattr(rule, role)
-        child = by_path.get(tuple(path) + _rules._as_path(name)) if name else None  # pylint: disable=protected-access
+        child = by_path.get(tuple(path) + _rules.as_path(name)) if name else None
         if child is not None:
           classes.add(type(child))
   return classes

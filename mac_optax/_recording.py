@@ -23,7 +23,7 @@ from mac_optax import _rules
 from mac_optax import _stats
 from mac_optax import _tracking
 
-_ORIGINAL_APPLY = nn.Module.apply
+_ORIGINAL_APPLY = _capture.ORIGINAL_APPLY
 _ACTIVE: list['Recording'] = []
 
 
@@ -45,8 +45,11 @@ class Recording:
     """
     if not self.parts:
       raise ValueError(
-          'mac_optax.recording() recorded no model call: call model.apply'
-          ' (or the code that calls it) inside the `with` block.'
+          'mac_optax.recording() recorded no statistics: '
+          + ('no Module.apply was called inside the `with` block.'
+             if not self.applies else
+             f'{self.applies} Module.apply call(s) ran no layer that MAC'
+             ' knows (see mac_optax.register_layer).')
       )
     return _merge_disjoint(self.parts)
 

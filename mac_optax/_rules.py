@@ -295,7 +295,7 @@ class AttentionRule:
     """Which projection a child (path relative to the module) is."""
     for role in ('query', 'key', 'value', 'qkv', 'query_norm', 'key_norm'):
       name = getattr(self, role)
-      if name is not None and _as_path(name) == relative:
+      if name is not None and as_path(name) == relative:
         return role
     return None
 
@@ -318,7 +318,8 @@ class AttentionRule:
     return mask, bool(causal)
 
 
-def _as_path(name) -> tuple[Any, ...]:
+def as_path(name) -> tuple[Any, ...]:
+  """A child name or tuple of names as a relative module path."""
   return tuple(name) if isinstance(name, (tuple, list)) else (name,)
 
 
@@ -358,20 +359,31 @@ def register_attention(module_class: type, rule: AttentionRule | None = None,
 
   Examples:
     Hugging Face-style attention: three ``nn.Dense`` projections, heads split
-    by reshaping, probabilities from ``dot_product_attention_weights`` under a
-    padding mask given as ``attention_mask`` (1 = token, 0 = padding):
+    by reshaping, a padding mask given as ``attention_mask`` (1 = token):
 
-    >>> import flax.linen as nn, mac_optax
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, mac_optax
     >>> class SelfAttention(nn.Module):
     ...   heads: int = 2
     ...   @nn.compact
     ...   def __call__(self, x, attention_mask):
-    ...     ...
-    >>> rule = mac_optax.register_attention(
+    ...     split = lambda t: t.reshape(t.shape[:2] + (self.heads, -1))
+    ...     q, k, v = (split(nn.Dense(4, name=n)(x))
+    ...                for n in ('query', 'key', 'value'))
+    ...     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0., -1e9)
+    ...     p = nn.dot_product_attention_weights(q, k, bias=bias)
+    ...     return jnp.einsum('bhqk,bkhd->bqhd', p, v).reshape(x.shape)
+    >>> _ = mac_optax.register_attention(
     ...     SelfAttention,
     ...     num_heads=lambda module: module.heads,
-    ...     mask=lambda module, args: args['attention_mask'][:, None, None, :] > 0,
+    ...     mask=lambda module, args: args['attention_mask'][:, None, None] > 0,
     ... )
+    >>> x, attention_mask = jnp.ones((2, 3, 4)), jnp.array([[1, 1, 0]] * 2)
+    >>> model = SelfAttention()
+    >>> variables = model.init(jax.random.key(0), x, attention_mask)
+    >>> layers = mac_optax.find_layers(model.apply, variables, x,
+    ...                                attention_mask)
+    >>> layers['value',].kind
+    'attention_value'
   """
   if rule is None:
     rule = AttentionRule(**fields)

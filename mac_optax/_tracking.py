@@ -215,14 +215,6 @@ class Tracker:
     finally:
       self._records.pop()
 
-  @contextlib.contextmanager
-  def suppressed(self):
-    self._suppressed += 1
-    try:
-      yield
-    finally:
-      self._suppressed -= 1
-
   # ------------------------------------------------------------------------
 
   def _role(self, path: Path):
@@ -284,6 +276,9 @@ class Tracker:
       key = frame.norm_outputs['key_norm'].reshape(key.shape)
     query = query.astype(jnp.float32)
     key = key.astype(jnp.float32)
+    if key.shape[-2] != query.shape[-2]:
+      # Grouped query attention: each key head serves consecutive query heads.
+      key = jnp.repeat(key, query.shape[-2] // key.shape[-2], axis=-2)
     scale = rule.scale
     if scale is None:
       scale = 1.0 / np.sqrt(query.shape[-1])

@@ -117,12 +117,15 @@ def _padding_mask(lengths, n):
 
 
 @pytest.mark.parametrize('per_head', [False, True])
-@pytest.mark.parametrize('mask_kind',
-                         ['none', 'causal', 'padding', 'is_causal'])
-def test_multi_head_attention_value_statistic(mask_kind, per_head):
+@pytest.mark.parametrize(
+    'mask_kind, dropout',
+    [('none', 0.0), ('causal', 0.1), ('padding', 0.0), ('padding', 0.1),
+     ('is_causal', 0.0)])
+def test_multi_head_attention_value_statistic(mask_kind, dropout, per_head):
   x = jax.random.normal(jax.random.key(5), (3, 5, 4)) + 0.3
   mha = nnx.MultiHeadAttention(num_heads=2, in_features=4, qkv_features=8,
                                decode=False, normalize_qk=True,
+                               dropout_rate=dropout, deterministic=True,
                                rngs=nnx.Rngs(0))
   mask = {'none': None, 'is_causal': None,
           'causal': np.tril(np.ones((5, 5), bool))[None, None],
@@ -145,7 +148,29 @@ def test_multi_head_attention_value_statistic(mask_kind, per_head):
       stats['query']['mean_input'],
       oracles.dense_mean(np.asarray(x, np.float64), 1, True), RTOL, ATOL)
   layers = mac_optax.find_layers(mha, x, **kwargs)
-  assert 'model probabilities' in layers.value_sources[('value',)]
+  # The fused attention path (no dropout) forms no probabilities to read.
+  source = 'model' if dropout else 'recomputed'
+  assert f'{source} probabilities' in layers.value_sources[('value',)]
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_grouped_query_attention_per_value_head(dropout):
+  x = jax.random.normal(jax.random.key(6), (2, 5, 8)) + 0.3
+  mha = nnx.MultiHeadAttention(num_heads=4, in_features=8, qkv_features=8,
+                               decode=False, dropout_rate=dropout,
+                               deterministic=True, rngs=nnx.Rngs(0))
+  mha.key = nnx.LinearGeneral(8, (2, 2), rngs=nnx.Rngs(1))
+  mha.value = nnx.LinearGeneral(8, (2, 2), rngs=nnx.Rngs(2))
+  _, stats = nnx.jit(lambda m, x: mac_optax.capture(
+      m, value_stat='per_head')(x))(mha, x)
+  query = np.asarray(mha.query(x), np.float64)
+  key = np.repeat(np.asarray(mha.key(x), np.float64), 2, axis=-2)
+  probs = oracles.attention_probs(query, key)
+  per_query_head = oracles.attention_value_mean(
+      probs, np.asarray(x, np.float64), True, per_head=True)
+  expected = per_query_head.reshape(2, 2, -1).mean(axis=1)
+  np.testing.assert_allclose(stats['value']['mean_input'], expected,
+                             RTOL, ATOL)
 
 
 # --------------------------------------------------------------------------
