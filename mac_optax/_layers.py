@@ -12,6 +12,7 @@ import optax
 
 from mac_optax import _capture
 from mac_optax import _nnx
+from mac_optax import _recording
 from mac_optax import _rules
 from mac_optax import _stats
 from mac_optax import _tracking
@@ -197,7 +198,8 @@ def _spec_from_params(
   return spec
 
 
-def find_layers(apply_fn: Callable[..., Any], *args, **kwargs) -> Layers:
+def find_layers(apply_fn: Callable[..., Any], *args, params: Any = None,
+                **kwargs) -> Layers:
   """Finds the layers MAC preconditions by tracing one forward pass.
 
   The forward pass runs under ``jax.eval_shape``, so it costs no FLOPs. Pass
@@ -206,7 +208,11 @@ def find_layers(apply_fn: Callable[..., Any], *args, **kwargs) -> Layers:
   not found.
 
   Linen: ``find_layers(model.apply, variables, *args, **kwargs)``. NNX:
-  ``find_layers(model, *args, **kwargs)``; the model is not changed.
+  ``find_layers(model, *args, **kwargs)``; the model is not changed. A loss
+  function decorated with :func:`with_stats` (for models called inside code
+  you do not own): ``find_layers(loss_fn, *args, params=params, **kwargs)``,
+  where ``params`` is the parameter tree the optimizer will see (NNX models
+  among ``args`` provide their own).
 
   Args:
     apply_fn: ``model.apply`` (linen), the model (NNX), or the
@@ -214,6 +220,8 @@ def find_layers(apply_fn: Callable[..., Any], *args, **kwargs) -> Layers:
       non-default options.
     *args: the arguments of the call: for linen the variables
       (``{'params': ..., ...}``) and then the inputs.
+    params: with a :func:`with_stats` function, the parameters of its linen
+      models.
     **kwargs: keyword arguments of the call.
 
   Returns:
@@ -229,7 +237,16 @@ def find_layers(apply_fn: Callable[..., Any], *args, **kwargs) -> Layers:
     Layers(layers_0, layers_2)
   """
   recorder = _tracking.Recorder()
-  if isinstance(apply_fn, _nnx.NNXCapture) or _nnx.is_nnx(apply_fn):
+  decorated = getattr(apply_fn, 'mac_optax_with_stats', None)
+  if decorated is not None:
+    stats, found_params = _trace_with_stats(decorated, recorder, args, kwargs)
+    params = found_params if params is None else params
+    if params is None:
+      raise TypeError(
+          'find_layers(loss_fn, *args, params=...): give the parameter tree of'
+          ' the linen models the loss function calls.'
+      )
+  elif isinstance(apply_fn, _nnx.NNXCapture) or _nnx.is_nnx(apply_fn):
     capture_fn = apply_fn
     if not isinstance(capture_fn, _nnx.NNXCapture):
       capture_fn = _nnx.NNXCapture(apply_fn)
@@ -259,6 +276,34 @@ def find_layers(apply_fn: Callable[..., Any], *args, **kwargs) -> Layers:
     )
   return Layers(specs, recorder.modules, recorder.unsupported,
                 recorder.value_sources)
+
+
+def _trace_with_stats(loss_fn, recorder, args, kwargs):
+  """Runs a ``with_stats`` loss function under ``jax.eval_shape``.
+
+  NNX models among ``args`` travel as their state (split, merged inside);
+  everything else is closed over, so no FLOPs are spent.
+
+  Returns:
+    The statistics' shapes and the NNX models' ``Param`` state (or None).
+  """
+  splits = {i: nnx.split(arg) for i, arg in enumerate(args)
+            if isinstance(arg, nnx.Module)}
+
+  def run(states):
+    full = list(args)
+    for i, (graphdef, _) in splits.items():
+      full[i] = nnx.merge(graphdef, states[i])
+    _, aux = loss_fn.run(recorder, *full, **kwargs)
+    return aux[1] if loss_fn.has_aux else aux
+
+  stats = jax.eval_shape(run, {i: state for i, (_, state) in splits.items()})
+  params = None
+  if splits:
+    models = [args[i] for i in splits]
+    params = (nnx.state(models[0], nnx.Param) if len(models) == 1 else
+              nnx.merge_state(*(nnx.state(m, nnx.Param) for m in models)))
+  return stats, params
 
 
 def _owner(layers: Layers, path: Path) -> Path:

@@ -32,6 +32,7 @@ class Recording:
   """The statistics recorded so far in a :func:`recording` block."""
 
   options: dict[str, Any]
+  recorder: _tracking.Recorder | None = None
   parts: list[Any] = dataclasses.field(default_factory=list)
   applies: int = 0
   depth: int = 0
@@ -71,7 +72,8 @@ def _recording_apply(self, variables, *args, mutable=False, **kwargs):
       functools.partial(_ORIGINAL_APPLY, self), **record.options)
   record.depth += 1
   try:
-    result, stats = capture(variables, *args, mutable=mutable, **kwargs)
+    result, stats = capture.apply_with_recorder(
+        record.recorder, variables, *args, mutable=mutable, **kwargs)
   finally:
     record.depth -= 1
   record.applies += 1
@@ -147,14 +149,20 @@ def recording(
     >>> stats['mean_input']
     Array([1., 1., 1., 1.], dtype=float32)
   """
-  if value_stat not in _tracking.VALUE_STATS:
+  options = dict(attention_aware=attention_aware, value_stat=value_stat,
+                 depthwise_shared=depthwise_shared)
+  with _recording(options, None) as record:
+    yield record
+
+
+@contextlib.contextmanager
+def _recording(options, recorder) -> Iterator[Recording]:
+  if options['value_stat'] not in _tracking.VALUE_STATS:
     raise ValueError(
         f'value_stat must be one of {_tracking.VALUE_STATS}, got'
-        f' {value_stat!r}.'
+        f' {options["value_stat"]!r}.'
     )
-  record = Recording(dict(attention_aware=attention_aware,
-                          value_stat=value_stat,
-                          depthwise_shared=depthwise_shared))
+  record = Recording(options, recorder)
   _ACTIVE.append(record)
   nn.Module.apply = functools.wraps(_ORIGINAL_APPLY)(_recording_apply)
   try:
@@ -209,41 +217,59 @@ def with_stats(
                  depthwise_shared=depthwise_shared)
   if loss_fn is None:
     return functools.partial(with_stats, has_aux=has_aux, **options)
+  decorated = WithStats(loss_fn, has_aux, options)
 
+  # A plain function (not a callable object), as JAX and NNX transforms
+  # expect; find_layers reaches the recorder-taking form through it.
   @functools.wraps(loss_fn)
   def wrapped(*args, **kwargs):
+    return decorated.run(None, *args, **kwargs)
+
+  wrapped.mac_optax_with_stats = decorated
+  return wrapped
+
+
+@dataclasses.dataclass(frozen=True)
+class WithStats:
+  """A loss function that also returns MAC's statistics; see ``with_stats``."""
+
+  loss_fn: Callable[..., Any]
+  has_aux: bool
+  options: dict[str, Any]
+
+  def run(self, recorder, *args, **kwargs):
+    """Calls the loss function; ``recorder`` (or None) collects layer facts."""
     models = []
     for arg in args:
       if isinstance(arg, nnx.Module) and all(arg is not m for m in models):
         models.append(arg)
-    call = lambda: loss_fn(*args, **kwargs)
+    call = lambda: self.loss_fn(*args, **kwargs)
     nnx_parts = []
     for model in models:
-      call = _nnx_capturing(model, call, options, nnx_parts)
-    with recording(**options) as record:
+      call = _nnx_capturing(model, call, self.options, nnx_parts, recorder)
+    with _recording(self.options, recorder) as record:
       result = call()
       parts = record.parts + nnx_parts
     if not parts:
       raise ValueError(
-          f'{getattr(loss_fn, "__name__", "the loss function")} called no'
-          ' model whose statistics MAC can record: pass NNX models as'
+          f'{getattr(self.loss_fn, "__name__", "the loss function")} called'
+          ' no model whose statistics MAC can record: pass NNX models as'
           ' positional arguments, and call linen models through'
           ' Module.apply.'
       )
     stats = _merge_disjoint(parts)
-    if has_aux:
+    if self.has_aux:
       loss, aux = result
       return loss, (aux, stats)
     return result, stats
 
-  return wrapped
 
-
-def _nnx_capturing(model, call, options, parts):
+def _nnx_capturing(model, call, options, parts, recorder):
   """``call`` wrapped to capture ``model``'s statistics into ``parts``."""
 
   def run():
-    outputs, stats = _nnx.capture_call(model, call, _rules.Options(**options))
+    outputs, stats = _nnx.capture_call(model, call, _rules.Options(**options),
+                                       recorder)
     if stats:
       parts.append(stats)
     return outputs

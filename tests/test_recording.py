@@ -72,12 +72,18 @@ def test_algoperf_style_update_params_records_the_workload_model():
   x, y = _batch()
   batch = {'inputs': x, 'targets': y}
   params, model_state = workload.init_model_fn(jax.random.key(1), x)
-  layers = mac_optax.find_layers(
-      workload._model.apply, {'params': params, **model_state}, x,  # pylint: disable=protected-access
-      train=True, rngs={'dropout': jax.random.key(2)},
-      mutable=['batch_stats'])
-  tx = mac_optax.mac(0.1, layers=layers)
   rng = jax.random.key(3)
+
+  # Layer discovery through the same code path: the workload's model_fn.
+  @mac_optax.with_stats
+  def forward(params):
+    return workload.model_fn(params, batch, model_state, 'train', rng,
+                             update_batch_norm=True)[0]
+
+  layers = mac_optax.find_layers(forward, params, params=params)
+  assert set(layers) == {('conv',), ('head',)}
+  assert layers[('conv',)].kernel_shape == params['conv']['kernel'].shape
+  tx = mac_optax.mac(0.1, layers=layers)
 
   # The submission's own code: the loss function is the user's.
   def loss_fn(params):
@@ -183,6 +189,8 @@ def test_with_stats_decorates_linen_and_nnx_loss_functions():
       model, x)
   _, expected = nnx.jit(lambda m, x: mac_optax.capture(m)(x))(model, x)
   _assert_close(stats, expected)
+  found = mac_optax.find_layers(nnx_loss, model, x)
+  assert dict(found) == dict(mac_optax.find_layers(model, x))
 
 
 def test_calls_that_cannot_be_recorded_raise():
