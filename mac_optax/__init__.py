@@ -1,8 +1,12 @@
 """MAC: mean-activation preconditioning for optax and Flax."""
 
+from mac_optax._accumulation import multi_steps
+from mac_optax._accumulation import MultiStepsState
+from mac_optax._accumulation import stats_accumulator
 from mac_optax._alias import mac
 from mac_optax._capture import capture
 from mac_optax._capture import Capture
+from mac_optax._first_layer import input_second_moments
 from mac_optax._layers import find_layers
 from mac_optax._layers import Layers
 from mac_optax._layers import LayerSpec
@@ -15,6 +19,7 @@ from mac_optax._rules import PassThrough
 from mac_optax._rules import register_attention
 from mac_optax._rules import register_layer
 from mac_optax._rules import rule_of
+from mac_optax._sharding import state_sharding
 from mac_optax._stats import all_reduce as all_reduce_stats
 from mac_optax._stats import merge as merge_stats
 from mac_optax._transform import precondition
@@ -28,13 +33,16 @@ __all__ = (
     'Capture',
     'LayerSpec',
     'Layers',
+    'MultiStepsState',
     'PassThrough',
     'ScaleByMacState',
     'all_reduce_stats',
     'capture',
     'find_layers',
+    'input_second_moments',
     'mac',
     'merge_stats',
+    'multi_steps',
     'precondition',
     'precondition_mask',
     'recording',
@@ -42,6 +50,8 @@ __all__ = (
     'register_layer',
     'rule_of',
     'scale_by_mac',
+    'state_sharding',
+    'stats_accumulator',
     'summary',
     'with_stats',
 )

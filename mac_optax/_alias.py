@@ -24,6 +24,9 @@ def mac(
     nesterov: bool = False,
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     scale: str = 'reference',
+    axis_name: Any = None,
+    second_moments: Any = None,
+    second_moment_scale: str = 'unscaled',
 ) -> optax.GradientTransformationExtraArgs:
   r"""MAC, as in the authors' ImageNet/DeiT code (decoupled weight decay).
 
@@ -56,6 +59,12 @@ def mac(
     weight_decay_mask: which parameters decay, as for
       ``optax.add_decayed_weights``: a bool tree or a callable of params.
     scale: ``'reference'`` or ``'exact'``, see :func:`scale_by_mac`.
+    axis_name: the ``shard_map``/``pmap`` data axis over which the statistics
+      are merged; None under ``jax.jit`` (see :func:`scale_by_mac`).
+    second_moments: input second moments of the layers that get the exact
+      ``(Σ + λI)⁻¹`` factor, from :func:`input_second_moments`.
+    second_moment_scale: ``'unscaled'`` (the reference) or ``'damping'``, see
+      :func:`scale_by_mac`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`; its
@@ -92,7 +101,9 @@ def mac(
   """
   return optax.chain(
       _transform.scale_by_mac(
-          layers, damping, stat_decay, t_cov, t_inv, scale=scale
+          layers, damping, stat_decay, t_cov, t_inv, scale=scale,
+          axis_name=axis_name, second_moments=second_moments,
+          second_moment_scale=second_moment_scale,
       ),
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),

@@ -74,15 +74,22 @@ class Options:
 
 
 def _moved_mean(inputs, contracted, sliced=()):
-  """Mean over all axes but ``sliced`` and ``contracted`` (flattened last)."""
+  """Mean over all axes but ``sliced`` and ``contracted`` (flattened last).
+
+  The mean is taken before anything is reshaped, so that a batch axis that
+  is sharded (explicit mesh axes) is reduced, not reshaped.
+  """
   ndim = inputs.ndim
-  rest = [a for a in range(ndim) if a not in contracted and a not in sliced]
-  moved = jnp.transpose(inputs, tuple(sliced) + tuple(rest) + tuple(contracted))
-  slice_shape = tuple(inputs.shape[a] for a in sliced)
+  rest = tuple(a for a in range(ndim)
+               if a not in contracted and a not in sliced)
   rows = math.prod(inputs.shape[a] for a in rest)
+  mean = jnp.mean(inputs, axis=rest, dtype=jnp.float32)
+  kept = [a for a in range(ndim) if a not in rest]
+  mean = jnp.transpose(
+      mean, [kept.index(a) for a in tuple(sliced) + tuple(contracted)])
+  slice_shape = tuple(inputs.shape[a] for a in sliced)
   in_shape = tuple(inputs.shape[a] for a in contracted)
-  flat = moved.reshape(slice_shape + (rows, math.prod(in_shape)))
-  mean = jnp.mean(flat, axis=len(slice_shape), dtype=jnp.float32)
+  mean = mean.reshape(slice_shape + (math.prod(in_shape),))
   return mean[..., None, :], rows, in_shape
 
 

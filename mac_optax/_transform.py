@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any, Mapping, NamedTuple
 
@@ -10,12 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mac_optax import _capture
 from mac_optax import _layers
+from mac_optax import _stats
 
 Path = _layers.Path
 path_str = _layers.path_str
 _SCALES = ('reference', 'exact')
+_SECOND_MOMENT_SCALES = ('unscaled', 'damping')
+SECOND_MOMENT = 'second_moment'
+_INVERSE = 'damped_inverse'
+_SKIPPED = 'skipped_captures'
 
 
 class ScaleByMacState(NamedTuple):
@@ -23,28 +28,72 @@ class ScaleByMacState(NamedTuple):
 
   Attributes:
     count: steps taken, ``t`` (int32).
-    stat_count: statistic updates so far, ``k`` (int32); bias correction
-      divides by ``1 - stat_decay**k``.
+    stat_count: capture steps so far, ``k`` (int32); bias correction divides
+      by ``1 - stat_decay**k`` (less a layer's skipped captures).
     mean_input_ema: per-layer EMA of the mean input, shaped like ``mac_stats``
       (fp32).
     mean_input: per-layer bias-corrected EMA as of the last refresh, the
       ``â`` the preconditioner uses (fp32).
+    skipped_captures: per layer, how many capture steps were skipped because
+      that layer's statistic was not finite (int32).
+    exact_factors: for the layers given ``second_moments``, the input second
+      moment ``Σ`` and the damped inverse applied to their gradient (fp32,
+      ``d x d``); empty otherwise.
   """
 
   count: jax.Array
   stat_count: jax.Array
   mean_input_ema: Any
   mean_input: Any
+  skipped_captures: Any = {}
+  exact_factors: Any = {}
 
 
-def _nest(flat: Mapping[Path, Any]) -> dict:
-  """{module path: array} -> nested dict with ``mean_input`` leaves."""
+def nest(flat: Mapping[Path, Any], name: str = _stats.MEAN) -> dict:
+  """{module path: value} -> nested dict with ``name`` leaves."""
   tree: dict = {}
   for path, value in flat.items():
     node = tree
     for key in path:
       node = node.setdefault(key, {})
-    node[_capture.STAT_NAME] = value
+    node[name] = value
+  return tree
+
+
+def _unnest(
+    tree: Any, name: str, what: str, siblings: tuple[str, ...] = ()
+) -> dict[Path, Any]:
+  """Nested dict with ``name`` leaves -> {module path: value}.
+
+  Keys in ``siblings`` are other leaves that may sit next to ``name``.
+  """
+  flat = {}
+
+  def walk(path, node):
+    if not isinstance(node, Mapping):
+      raise ValueError(
+          f'{what}: expected nested dicts keyed by module path with'
+          f' {name!r} leaves; found {type(node).__name__} at'
+          f' {path_str(path)}.'
+      )
+    for key, child in node.items():
+      if key == name:
+        flat[path] = child
+      elif key not in siblings:
+        walk(path + (key,), child)
+
+  walk((), tree)
+  return flat
+
+
+def _nest_nodes(flat: Mapping[Path, Mapping[str, Any]]) -> dict:
+  """{module path: {name: value}} -> nested dict holding those leaves."""
+  tree: dict = {}
+  for path, leaves in flat.items():
+    node = tree
+    for key in path:
+      node = node.setdefault(key, {})
+    node.update(leaves)
   return tree
 
 
@@ -67,6 +116,106 @@ def _validate_hyperparameters(damping, stat_decay, t_cov, t_inv) -> None:
         int(period) != period or int(period) < 1
     ):
       raise ValueError(f'{name} must be a positive integer, got {period}.')
+
+
+def _check_full_precision(name: str, value) -> None:
+  """Rejects float16/bfloat16 hyperparameters, e.g. from inject_hyperparams."""
+  dtype = getattr(value, 'dtype', None)
+  if (
+      dtype is not None
+      and jnp.issubdtype(dtype, jnp.floating)
+      and jnp.finfo(dtype).bits < 32
+  ):
+    raise ValueError(
+        f'{name} is a {jnp.dtype(dtype).name} value: MAC keeps its statistics'
+        ' arithmetic in float32, and a rounded stat_decay or damping changes'
+        ' the algorithm (bfloat16 rounds a stat_decay of 0.999 to 1.0).'
+        ' optax.inject_hyperparams casts float hyperparameters to the'
+        ' parameters\' dtype; pass hyperparam_dtype=jnp.float32 to it.'
+    )
+
+
+def _reject_optax_multisteps() -> None:
+  """Raises when an ``optax.MultiSteps`` is calling this update.
+
+  MultiSteps runs the inner update on every micro-batch but keeps the inner
+  state only on the last one, so MAC would see only the last micro-batch's
+  statistics. It calls the inner update from its own methods, so one of the
+  calling frames has the MultiSteps instance as ``self``.
+  """
+  frame = inspect.currentframe()
+  try:
+    while frame is not None:
+      if isinstance(frame.f_locals.get('self'), optax.MultiSteps):
+        raise ValueError(
+            'scale_by_mac is being run by optax.MultiSteps, which keeps only'
+            ' the last micro-batch\'s statistics and would silently'
+            ' precondition with them. Use mac_optax.multi_steps(tx, k,'
+            ' example_stats=...) instead: it merges every micro-batch\'s'
+            ' statistics, weighted by rows, and steps MAC once per k'
+            ' micro-batches.'
+        )
+      frame = frame.f_back
+  finally:
+    del frame
+
+
+def _check_second_moments(
+    layers: _layers.Layers, second_moments: Any
+) -> dict[Path, Any]:
+  """{module path: Σ or its shape} from the ``second_moments`` argument."""
+  flat = _unnest(second_moments, SECOND_MOMENT, 'second_moments', (_INVERSE,))
+  for path, moment in flat.items():
+    if path not in layers:
+      raise ValueError(
+          f'second_moments has a matrix for {path_str(path)}, which is not a'
+          ' preconditioned layer of `layers` (known:'
+          f' {", ".join(map(path_str, layers)) or "none"}).'
+      )
+    spec = layers[path]
+    where = f'second_moments for layer {path_str(path)} ({spec.module})'
+    if spec.kind not in ('dense', 'conv') or spec.blocks > 1 or spec.stack_shape:
+      raise ValueError(
+          f'{where}: only ungrouped Dense/DenseGeneral/Conv layers outside'
+          ' nn.scan take an exact second-moment factor; this one is'
+          f' {spec.kind} with {spec.blocks} block(s) and stacked axes'
+          f' {spec.stack_shape}.'
+      )
+    expected = (spec.dim, spec.dim)
+    if tuple(np.shape(moment)) != expected:
+      raise ValueError(
+          f'{where} has shape {tuple(np.shape(moment))}, expected {expected}'
+          ' (the input size, plus one for the bias).'
+      )
+  return flat
+
+
+def _damped_inverse(moment, damping, convention: str) -> jax.Array:
+  """``(Σ + λI)⁻¹`` (times ``λ`` for ``'damping'``), symmetric, fp32."""
+  damping = jnp.asarray(damping, jnp.float32)
+  dim = moment.shape[-1]
+  matrix = moment + damping * jnp.eye(dim, dtype=jnp.float32)
+  factor = jax.scipy.linalg.cho_factor(matrix, lower=True)
+  inverse = jax.scipy.linalg.cho_solve(factor, jnp.eye(dim, dtype=jnp.float32))
+  inverse = 0.5 * (inverse + inverse.T)
+  if convention == 'damping':
+    inverse = damping * inverse
+  return inverse
+
+
+def _precondition_exact(kernel, bias, inverse, spec: _layers.LayerSpec):
+  """``F Ĝ`` with ``Ĝ`` the ``(d, out)`` kernel gradient plus a bias row."""
+  d_in = spec.dim - int(spec.has_bias)
+  grad = kernel.astype(jnp.float32).reshape(d_in, -1)
+  if spec.has_bias:
+    grad = jnp.concatenate(
+        [grad, bias.astype(jnp.float32).reshape(1, -1)], axis=0
+    )
+  grad = jnp.matmul(inverse, grad, precision=jax.lax.Precision.HIGHEST)
+  new_kernel = grad[:d_in].reshape(kernel.shape).astype(kernel.dtype)
+  if not spec.has_bias:
+    return new_kernel, None
+  return new_kernel, grad[d_in].reshape(bias.shape).astype(bias.dtype)
 
 
 def _active_layers(layers: _layers.Layers, params: Any) -> dict[Path, Any]:
@@ -167,6 +316,9 @@ def scale_by_mac(
     *,
     scale: str = 'reference',
     allow_missing_stats: bool = False,
+    axis_name: Any = None,
+    second_moments: Any = None,
+    second_moment_scale: str = 'unscaled',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions each layer's gradient with its mean input activation.
 
@@ -189,6 +341,17 @@ def scale_by_mac(
   used unchanged until the next refresh. Both happen at :math:`t = 0`, where
   :math:`\hat a` is exactly the first batch's statistic.
 
+  A layer whose statistic is not finite (NaN or Inf) on a capture step skips
+  that capture: its EMA keeps its previous value and the capture is not
+  counted in its bias correction (``skipped_captures`` in the state), so one
+  bad batch cannot poison the EMA for the rest of training.
+
+  Layers given in ``second_moments`` (the reference's first-layer treatment)
+  use the full damped inverse :math:`(\Sigma + \lambda I)^{-1} \hat G` of
+  their input second moment :math:`\Sigma` instead (see
+  :func:`input_second_moments`), recomputed from :math:`\Sigma` at every
+  refresh; they need no statistics.
+
   Statistics are the ``mac_stats`` extra argument of ``update``, as returned by
   :func:`capture`. Pass them on every step; steps that are not capture steps
   ignore them.
@@ -206,6 +369,20 @@ def scale_by_mac(
     allow_missing_stats: if True, ``update`` without ``mac_stats`` passes the
       gradient through unchanged (only for generic optax test batteries). By
       default it raises.
+    axis_name: under ``shard_map`` or ``pmap``, the data-parallel axis name
+      (or tuple of names): the incoming statistics are merged over it (each
+      mean weighted by its row count, see :func:`all_reduce_stats`) before use,
+      so that every replica preconditions with the global-batch statistic.
+      Leave it None under ``jax.jit`` with sharded inputs, where the
+      statistics already are global.
+    second_moments: optional ``{module path...: {'second_moment': Σ}}`` from
+      :func:`input_second_moments`; these layers get the exact factor. For a
+      restore target, ``jax.ShapeDtypeStruct`` leaves are accepted (the state
+      then holds zeros until the checkpoint is restored into it).
+    second_moment_scale: ``'unscaled'`` (the reference's
+      :math:`(\Sigma + \lambda I)^{-1}`) or ``'damping'``
+      (:math:`\lambda (\Sigma + \lambda I)^{-1}`, the scale the other layers
+      have with ``scale='reference'``).
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`; its
@@ -238,7 +415,19 @@ def scale_by_mac(
     )
   if scale not in _SCALES:
     raise ValueError(f'scale must be one of {_SCALES}, got {scale!r}.')
+  if second_moment_scale not in _SECOND_MOMENT_SCALES:
+    raise ValueError(
+        f'second_moment_scale must be one of {_SECOND_MOMENT_SCALES}, got'
+        f' {second_moment_scale!r}.'
+    )
+  # Before the range checks: a rounded value may be out of range (1.0).
+  _check_full_precision('damping', damping)
+  _check_full_precision('stat_decay', stat_decay)
   _validate_hyperparameters(damping, stat_decay, t_cov, t_inv)
+  exact_moments = (
+      {} if second_moments is None
+      else _check_second_moments(layers, second_moments)
+  )
 
   def init_fn(params):
     # optax.tree.map_params calls init with a placeholder instead of a dict;
@@ -247,19 +436,44 @@ def scale_by_mac(
       active = _active_layers(layers, params)
     else:
       active = dict(layers)
-    zeros = _nest({
+    rank_one = {p: s for p, s in active.items() if p not in exact_moments}
+    zeros = nest({
         path: jnp.zeros(spec.stat_shape, jnp.float32)
-        for path, spec in active.items()
+        for path, spec in rank_one.items()
     })
+    exact = {}
+    for path, moment in exact_moments.items():
+      if path not in active:
+        continue
+      if isinstance(moment, jax.ShapeDtypeStruct):
+        moment = jnp.zeros(moment.shape, jnp.float32)
+      moment = jnp.asarray(moment, jnp.float32)
+      exact[path] = {SECOND_MOMENT: moment, _INVERSE: jnp.zeros_like(moment)}
     return ScaleByMacState(
         count=jnp.zeros([], jnp.int32),
         stat_count=jnp.zeros([], jnp.int32),
         mean_input_ema=zeros,
         mean_input=jax.tree.map(jnp.copy, zeros),
+        skipped_captures=nest(
+            {path: jnp.zeros([], jnp.int32) for path in rank_one}, _SKIPPED
+        ),
+        exact_factors=_nest_nodes(exact),
     )
+
+  def reduce_stats(mac_stats):
+    try:
+      return _stats.all_reduce(mac_stats, axis_name)
+    except NameError as error:
+      raise ValueError(
+          f'scale_by_mac(axis_name={axis_name!r}) merges the statistics over'
+          ' that axis, so its update must run inside shard_map or pmap with'
+          ' that axis name. Under jax.jit with sharded inputs the statistics'
+          ' already are global: leave axis_name=None.'
+      ) from error
 
   def update_fn(updates, state, params=None, *, mac_stats=None, **extra_args):
     del params, extra_args
+    _reject_optax_multisteps()
     if mac_stats is None:
       if allow_missing_stats:
         return updates, state._replace(count=optax.safe_increment(state.count))
@@ -271,6 +485,11 @@ def scale_by_mac(
     stats = _layers.flatten_stats(mac_stats)
     emas = _layers.flatten_stats(state.mean_input_ema)
     mean_inputs = _layers.flatten_stats(state.mean_input)
+    skipped = _unnest(state.skipped_captures, _SKIPPED, 'skipped_captures')
+    moments = _unnest(state.exact_factors, SECOND_MOMENT, 'exact_factors',
+                      (_INVERSE,))
+    inverses = _unnest(state.exact_factors, _INVERSE, 'exact_factors',
+                       (SECOND_MOMENT,))
     for path, stat in stats.items():
       if path not in layers:
         raise ValueError(
@@ -291,26 +510,48 @@ def scale_by_mac(
             f'mac_stats for layer {path_str(path)} ({spec.module}) has shape'
             f' {tuple(np.shape(stats[path]))}, expected {spec.stat_shape}.'
         )
+    if axis_name is not None:
+      stats = _layers.flatten_stats(reduce_stats(mac_stats))
 
     count = state.count
     capture_now = count % t_cov == 0
     refresh_now = count % t_inv == 0
     stat_count = state.stat_count + capture_now.astype(jnp.int32)
     decay = jnp.asarray(stat_decay, jnp.float32)
-    correction = 1.0 - decay ** stat_count.astype(jnp.float32)
-    refresh_now = refresh_now & (stat_count > 0)
-    new_emas, new_means = {}, {}
+    new_emas, new_means, new_skipped = {}, {}, {}
     for path, ema in emas.items():
       stat = stats[path].astype(jnp.float32)
-      ema = jnp.where(capture_now, decay * ema + (1.0 - decay) * stat, ema)
+      finite = jnp.all(jnp.isfinite(stat))
+      ema = jnp.where(
+          capture_now & finite, decay * ema + (1.0 - decay) * stat, ema
+      )
       new_emas[path] = ema
+      new_skipped[path] = skipped[path] + (capture_now & ~finite).astype(
+          jnp.int32
+      )
+      # Bias correction counts only the captures this layer's EMA took.
+      taken = stat_count - new_skipped[path]
+      refresh_layer = refresh_now & (taken > 0)
+      correction = 1.0 - decay ** taken.astype(jnp.float32)
       new_means[path] = jnp.where(
-          refresh_now, ema / jnp.where(refresh_now, correction, 1.0),
+          refresh_layer, ema / jnp.where(refresh_layer, correction, 1.0),
           mean_inputs[path],
       )
 
+    new_exact = {}
+    for path, moment in moments.items():
+      # Recomputed at refreshes only, so an injected damping acts like a
+      # refreshed statistic and the cubic cost is paid every t_inv steps.
+      inverse = jax.lax.cond(
+          refresh_now,
+          lambda moment: _damped_inverse(moment, damping, second_moment_scale),
+          lambda _, old=inverses[path]: old,
+          moment,
+      )
+      new_exact[path] = {SECOND_MOMENT: moment, _INVERSE: inverse}
+
     preconditioned = {}
-    for path, mean_input in new_means.items():
+    for path in list(new_means) + list(new_exact):
       spec = layers[path]
       node = _layers.lookup(updates, path)
       if not isinstance(node, Mapping):
@@ -323,10 +564,15 @@ def scale_by_mac(
             f' {"kernel" if kernel is None else "bias"} at'
             f' {path_str(path)}; they must have the structure of params.'
         )
-      new_kernel, new_bias = precondition(
-          kernel, bias if spec.has_bias else None, mean_input, spec, damping,
-          scale,
-      )
+      bias = bias if spec.has_bias else None
+      if path in new_exact:
+        new_kernel, new_bias = _precondition_exact(
+            kernel, bias, new_exact[path][_INVERSE], spec
+        )
+      else:
+        new_kernel, new_bias = precondition(
+            kernel, bias, new_means[path], spec, damping, scale
+        )
       preconditioned[path + ('kernel',)] = new_kernel
       if spec.has_bias:
         preconditioned[path + ('bias',)] = new_bias
@@ -344,8 +590,10 @@ def scale_by_mac(
     new_state = ScaleByMacState(
         count=optax.safe_increment(count),
         stat_count=stat_count,
-        mean_input_ema=_nest(new_emas),
-        mean_input=_nest(new_means),
+        mean_input_ema=nest(new_emas),
+        mean_input=nest(new_means),
+        skipped_captures=nest(new_skipped, _SKIPPED),
+        exact_factors=_nest_nodes(new_exact),
     )
     return updates, new_state
 
