@@ -179,7 +179,8 @@ class Interceptor:
     with _nnx.hosted(module.nnx_class, path, self.tracker, record):
       outputs = next_fun(*args, **kwargs)
     if entries:
-      tree = nest({p: {STAT_NAME: tuple(e)} for p, e in entries.items()})
+      tree = _stats.nest(
+          {p: {STAT_NAME: tuple(e)} for p, e in entries.items()})
       record_linen(module, path, tree, nested=True)
     return outputs
 
@@ -238,19 +239,8 @@ def _finalize(collection: Any, foreign: dict[Path, Any]) -> dict:
   walk(collection, ())
   for path, sown in foreign.items():
     walk(sown, path)
-  return nest({path: _stats.merge_layer(entries)
+  return _stats.nest({path: _stats.merge_layer(entries)
                for path, entries in per_path.items()})
-
-
-def nest(flat: Mapping[Path, Any]) -> dict:
-  """{module path: layer node} -> nested dict keyed like the params."""
-  tree: dict = {}
-  for path, node in flat.items():
-    target = tree
-    for key in path:
-      target = target.setdefault(key, {})
-    target.update(node)
-  return tree
 
 
 class Capture:

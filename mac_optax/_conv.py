@@ -257,6 +257,45 @@ def _transpose_padding(span: int, stride: int, padding: str):
   return before, total - before
 
 
+def patches(inputs: jax.Array, geometry: ConvGeometry) -> jax.Array:
+  """Every im2col patch of a Flax convolution's input.
+
+  Padding follows Flax: 'CIRCULAR', 'REFLECT' and 'CAUSAL' pre-pad the
+  input, other paddings go to the convolution as they are.
+
+  Args:
+    inputs: ``(*batch, *spatial, channels)`` with any number of batch
+      dimensions (including none).
+    geometry: the convolution's geometry (feature groups are ignored).
+
+  Returns:
+    ``(*batch, *output_spatial, channels * prod(kernel_size))`` in
+    ``lax.conv_general_dilated_patches``' channel-major ``(C, *kernel)``
+    order, the order of a ``ConvLocal`` kernel.
+  """
+  rank = len(geometry.kernel_size)
+  if not 1 <= rank <= 3:
+    raise ValueError('only 1-, 2- and 3-D convolutions are supported here.')
+  batch_shape = inputs.shape[: inputs.ndim - rank - 1]
+  x = inputs.reshape((-1,) + inputs.shape[inputs.ndim - rank - 1:])
+  pre_pads, pre_mode, pads = _axis_plans(x.shape[1:-1], geometry)
+  mode = {'zeros': 'constant', 'wrap': 'wrap', 'reflect': 'reflect'}[pre_mode]
+  x = jnp.pad(x, ((0, 0),) + tuple(pre_pads) + ((0, 0),), mode=mode)
+  spatial = 'DHW'[-rank:]
+  result = jax.lax.conv_general_dilated_patches(
+      x,
+      filter_shape=geometry.kernel_size,
+      window_strides=geometry.strides,
+      padding=pads,
+      lhs_dilation=geometry.input_dilation,
+      rhs_dilation=geometry.kernel_dilation,
+      dimension_numbers=('N' + spatial + 'C', spatial + 'IO',
+                         'N' + spatial + 'C'),
+      precision=jax.lax.Precision.HIGHEST,
+  )
+  return result.reshape(batch_shape + result.shape[1:])
+
+
 def mean_patch_per_position(
     inputs: jax.Array, geometry: ConvGeometry
 ) -> tuple[jax.Array, int]:
@@ -267,8 +306,7 @@ def mean_patch_per_position(
 
   Returns:
     ``(patches, rows)``: shape ``(*output_spatial, channels * prod(kernel))``
-    in ``lax.conv_general_dilated_patches``' (channel, *kernel) order, which is
-    the order of a ``ConvLocal`` kernel, and the batch size.
+    in the channel-major order of :func:`patches`, and the batch size.
   """
   rank = len(geometry.kernel_size)
   batch_dims = inputs.ndim - rank - 1
@@ -276,20 +314,4 @@ def mean_patch_per_position(
   mean_input = jnp.mean(
       inputs, axis=tuple(range(batch_dims)), dtype=jnp.float32
   )
-  pre_pads, pre_mode, pads = _axis_plans(mean_input.shape[:-1], geometry)
-  mode = {'zeros': 'constant', 'wrap': 'wrap', 'reflect': 'reflect'}[pre_mode]
-  mean_input = jnp.pad(mean_input, tuple(pre_pads) + ((0, 0),), mode=mode)
-  spatial = ''.join('DHW'[-rank:]) if rank <= 3 else None
-  if spatial is None:
-    raise ValueError('only 1-, 2- and 3-D local convolutions are supported.')
-  layout = ('N' + spatial + 'C', spatial + 'IO', 'N' + spatial + 'C')
-  patches = jax.lax.conv_general_dilated_patches(
-      mean_input[None],
-      filter_shape=geometry.kernel_size,
-      window_strides=geometry.strides,
-      padding=pads,
-      lhs_dilation=geometry.input_dilation,
-      rhs_dilation=geometry.kernel_dilation,
-      dimension_numbers=layout,
-  )
-  return patches[0], batch_size
+  return patches(mean_input, geometry), batch_size

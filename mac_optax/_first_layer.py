@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mac_optax import _conv
 from mac_optax import _layers
+from mac_optax import _rules
 from mac_optax import _transform
 
 Path = _layers.Path
@@ -36,63 +36,6 @@ def _first_input(args, kwargs):
   return args[0] if args else kwargs['inputs']
 
 
-def _dense_rows(module, inputs) -> jax.Array:
-  """Input rows of a Dense/DenseGeneral, contracted axes flattened in order."""
-  if isinstance(module, nn.DenseGeneral):
-    axes = tuple(np.atleast_1d(module.axis).tolist())
-    axes = tuple(sorted(a % inputs.ndim for a in axes))
-    inputs = jnp.moveaxis(inputs, axes, tuple(range(-len(axes), 0)))
-    width = int(np.prod([inputs.shape[-n] for n in range(1, len(axes) + 1)]))
-  else:
-    width = inputs.shape[-1]
-  return inputs.reshape(-1, width)
-
-
-def _conv_rows(module, inputs) -> jax.Array:
-  """im2col rows of a Conv in the Flax kernel layout ``(*kernel_size, C)``.
-
-  The padding follows Flax: 'CIRCULAR' and 'REFLECT' pre-pad the input by
-  the dilated kernel extent and 'CAUSAL' left-pads it, then the convolution
-  is 'VALID'; other paddings go to the convolution as they are.
-  """
-  geometry = _conv.geometry_of(module)
-  if geometry.feature_group_count != 1:
-    raise ValueError(
-        f'layer {path_str(tuple(module.path))}: the exact second-moment factor'
-        ' supports ungrouped convolutions only, this one has'
-        f' feature_group_count={geometry.feature_group_count}.'
-    )
-  rank = len(geometry.kernel_size)
-  inputs = inputs.reshape((-1,) + inputs.shape[-rank - 1:])
-  spans = [
-      (k - 1) * d + 1
-      for k, d in zip(geometry.kernel_size, geometry.kernel_dilation)
-  ]
-  padding = geometry.padding
-  if padding in ('CIRCULAR', 'REFLECT'):
-    pads = [(0, 0)] + [((s - 1) // 2, s // 2) for s in spans] + [(0, 0)]
-    mode = 'wrap' if padding == 'CIRCULAR' else 'reflect'
-    inputs = jnp.pad(inputs, pads, mode=mode)
-    padding = 'VALID'
-  elif padding == 'CAUSAL':
-    inputs = jnp.pad(inputs, [(0, 0), (spans[0] - 1, 0), (0, 0)])
-    padding = 'VALID'
-  channels = inputs.shape[-1]
-  # Patches come channel-major, (C, *kernel_size), in the channel axis.
-  patches = jax.lax.conv_general_dilated_patches(
-      jnp.moveaxis(inputs, -1, 1),
-      filter_shape=geometry.kernel_size,
-      window_strides=geometry.strides,
-      padding=padding,
-      lhs_dilation=geometry.input_dilation,
-      rhs_dilation=geometry.kernel_dilation,
-      precision=_HIGHEST,
-  )
-  patches = jnp.moveaxis(patches, 1, -1)
-  patches = patches.reshape((-1, channels) + geometry.kernel_size)
-  return jnp.moveaxis(patches, 1, -1).reshape(patches.shape[0], -1)
-
-
 class _MomentInterceptor:
   """Sows ``(Σ_r x̃_r x̃_rᵀ, rows)`` of every call of the chosen layers."""
 
@@ -103,18 +46,16 @@ class _MomentInterceptor:
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
     path = tuple(module.path)
+    rule = _rules.rule_of(module)
     if (
         context.method_name != '__call__'
         or module.is_initializing()
         or path not in self.paths
-        or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))
+        or not hasattr(rule, 'rows')
     ):
       return next_fun(*args, **kwargs)
     inputs = jnp.asarray(_first_input(args, kwargs)).astype(jnp.float32)
-    if isinstance(module, nn.Conv):
-      rows = _conv_rows(module, inputs)
-    else:
-      rows = _dense_rows(module, inputs)
+    rows = rule.rows(module, inputs)
     if self.layers[path].has_bias:
       rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)],
                              axis=1)
@@ -165,16 +106,10 @@ def _check_path(layers: _layers.Layers, path: Path) -> None:
   if path not in layers:
     raise ValueError(
         f'{path_str(path)} is not a preconditioned layer of `layers` (known:'
-        f' {", ".join(map(path_str, layers)) or "none"}).'
+        f' {layers.known()}).'
     )
   spec = layers[path]
-  if spec.kind not in ('dense', 'conv') or spec.blocks > 1 or spec.stack_shape:
-    raise ValueError(
-        f'layer {path_str(path)} ({spec.module}): the exact second-moment'
-        ' factor supports ungrouped Dense/DenseGeneral/Conv layers outside'
-        f' nn.scan; this one is {spec.kind} with {spec.blocks} block(s) and'
-        f' stacked axes {spec.stack_shape}.'
-    )
+  _layers.check_exact_factor(spec, f'layer {path_str(path)} ({spec.module})')
 
 
 def _lookup_sown(state: Mapping[str, Any], path: Path):

@@ -102,8 +102,22 @@ class Layers(Mapping[Path, LayerSpec]):
     return len(self._specs)
 
   def __repr__(self) -> str:
-    names = ', '.join(path_str(p) for p in self._specs)
-    return f'Layers({names})'
+    return f'Layers({self.known()})'
+
+  def known(self) -> str:
+    """The layer paths, for error messages."""
+    return ', '.join(path_str(p) for p in self._specs) or 'none'
+
+
+def check_exact_factor(spec: LayerSpec, where: str) -> None:
+  """Raises unless ``spec`` can take a full ``d x d`` input factor."""
+  if spec.kind not in ('dense', 'conv') or spec.blocks > 1 or spec.stack_shape:
+    raise ValueError(
+        f'{where}: the exact second-moment factor supports ungrouped'
+        ' Dense/DenseGeneral/Conv layers outside nn.scan; this one is'
+        f' {spec.kind} with {spec.blocks} block(s) and stacked axes'
+        f' {spec.stack_shape}.'
+    )
 
 
 def lookup(tree: Any, path: Path) -> Any:

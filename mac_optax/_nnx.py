@@ -254,7 +254,7 @@ def capture_call(model: nnx.Module, fn: Callable[[], Any],
     outputs, captured = nnx.capture(lambda _: fn(), MacStats)(model)
   per_path: dict[Path, list] = {}
   _collect(captured, (), per_path)
-  stats = _capture.nest({path: _stats.merge_layer(entries)
+  stats = _stats.nest({path: _stats.merge_layer(entries)
                          for path, entries in per_path.items()})
   return outputs, stats
 

@@ -61,7 +61,7 @@ def _merge_disjoint(trees: list[Any]) -> Any:
   for tree in trees:
     _stats.map_layers(
         lambda path, node: flat.setdefault(path, []).append(node), tree)
-  return _capture.nest({path: _stats.merge_layer(nodes)
+  return _stats.nest({path: _stats.merge_layer(nodes)
                         for path, nodes in flat.items()})
 
 

@@ -122,6 +122,13 @@ class DenseRule:
                      self.has_bias(module))
     return Statistic(mean, rows, call)
 
+  def rows(self, module, inputs) -> jax.Array:
+    """Every input row, ``(rows, d_in)`` in kernel order (no batch dims)."""
+    axes = _normalize_axes(self.axes(module), inputs.ndim)
+    rest = tuple(a for a in range(inputs.ndim) if a not in axes)
+    width = math.prod(inputs.shape[a] for a in axes)
+    return jnp.transpose(inputs, rest + axes).reshape(-1, width)
+
 
 @dataclasses.dataclass(frozen=True)
 class EinsumRule:
@@ -193,6 +200,21 @@ class ConvRule:
     call = LayerCall('conv', type(module).__name__, in_shape, mean.shape[0],
                      self.has_bias(module))
     return Statistic(mean, rows, call)
+
+  def rows(self, module, inputs) -> jax.Array:
+    """Every im2col patch, ``(rows, d_in)`` in kernel order (no groups)."""
+    geometry = _conv.geometry_of(module)
+    if geometry.feature_group_count != 1:
+      raise ValueError(
+          f'{type(module).__name__} with feature_group_count='
+          f'{geometry.feature_group_count}: full input rows are defined for'
+          ' ungrouped convolutions only.'
+      )
+    channels = inputs.shape[-1]
+    patches = _conv.patches(inputs, geometry)
+    patches = patches.reshape((-1, channels) + geometry.kernel_size)
+    # Channel-major (C, *kernel_size) patches to the kernel's (*kernel_size, C).
+    return jnp.moveaxis(patches, 1, -1).reshape(patches.shape[0], -1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -220,6 +220,17 @@ def all_reduce(stats: Any, axis_name: Any) -> Any:
   )
 
 
+def nest(flat: Mapping[Path, Mapping[str, Any]]) -> dict:
+  """{module path: {field: value}} -> nested dicts keyed like the params."""
+  tree: dict = {}
+  for path, fields in flat.items():
+    node = tree
+    for key in path:
+      node = node.setdefault(key, {})
+    node.update(fields)
+  return tree
+
+
 def mean_inputs(stats: Any) -> dict[Path, jax.Array]:
   """Module path -> ``mean_input`` for every layer of a ``mac_stats`` tree."""
   flat = {}

@@ -51,13 +51,7 @@ class ScaleByMacState(NamedTuple):
 
 def nest(flat: Mapping[Path, Any], name: str = _stats.MEAN) -> dict:
   """{module path: value} -> nested dict with ``name`` leaves."""
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path:
-      node = node.setdefault(key, {})
-    node[name] = value
-  return tree
+  return _stats.nest({path: {name: value} for path, value in flat.items()})
 
 
 def _unnest(
@@ -84,17 +78,6 @@ def _unnest(
 
   walk((), tree)
   return flat
-
-
-def _nest_nodes(flat: Mapping[Path, Mapping[str, Any]]) -> dict:
-  """{module path: {name: value}} -> nested dict holding those leaves."""
-  tree: dict = {}
-  for path, leaves in flat.items():
-    node = tree
-    for key in path:
-      node = node.setdefault(key, {})
-    node.update(leaves)
-  return tree
 
 
 def _is_concrete_number(value) -> bool:
@@ -170,17 +153,11 @@ def _check_second_moments(
       raise ValueError(
           f'second_moments has a matrix for {path_str(path)}, which is not a'
           ' preconditioned layer of `layers` (known:'
-          f' {", ".join(map(path_str, layers)) or "none"}).'
+          f' {layers.known()}).'
       )
     spec = layers[path]
     where = f'second_moments for layer {path_str(path)} ({spec.module})'
-    if spec.kind not in ('dense', 'conv') or spec.blocks > 1 or spec.stack_shape:
-      raise ValueError(
-          f'{where}: only ungrouped Dense/DenseGeneral/Conv layers outside'
-          ' nn.scan take an exact second-moment factor; this one is'
-          f' {spec.kind} with {spec.blocks} block(s) and stacked axes'
-          f' {spec.stack_shape}.'
-      )
+    _layers.check_exact_factor(spec, where)
     expected = (spec.dim, spec.dim)
     if tuple(np.shape(moment)) != expected:
       raise ValueError(
@@ -457,7 +434,7 @@ def scale_by_mac(
         skipped_captures=nest(
             {path: jnp.zeros([], jnp.int32) for path in rank_one}, _SKIPPED
         ),
-        exact_factors=_nest_nodes(exact),
+        exact_factors=_stats.nest(exact),
     )
 
   def reduce_stats(mac_stats):
@@ -495,7 +472,7 @@ def scale_by_mac(
         raise ValueError(
             f'mac_stats has a statistic for {path_str(path)}, which is not a'
             ' preconditioned layer of `layers` (known:'
-            f' {", ".join(map(path_str, layers)) or "none"}).'
+            f' {layers.known()}).'
         )
     for path in emas:
       spec = layers[path]
@@ -593,7 +570,7 @@ def scale_by_mac(
         mean_input_ema=nest(new_emas),
         mean_input=nest(new_means),
         skipped_captures=nest(new_skipped, _SKIPPED),
-        exact_factors=_nest_nodes(new_exact),
+        exact_factors=_stats.nest(new_exact),
     )
     return updates, new_state
 
