@@ -15,8 +15,6 @@ Not part of the test suite: it takes minutes.
 from __future__ import annotations
 
 import argparse
-import gzip
-import os
 import time
 
 import flax.linen as nn
@@ -27,6 +25,8 @@ import optax
 from tqdm import auto as tqdm
 
 import mac_optax
+from mac_optax.demo import data as data_lib
+from mac_optax.demo import training
 
 
 class Block(nn.Module):
@@ -70,37 +70,14 @@ class ViT(nn.Module):
     return nn.Dense(self.classes, dtype=self.dtype, name='head')(x)
 
 
-def _idx(path):
-  with gzip.open(path, 'rb') as f:
-    data = f.read()
-  if int.from_bytes(data[2:3], 'big') != 8:
-    raise ValueError(f'{path} is not an unsigned-byte idx file.')
-  dims = data[3]
-  shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big')
-           for i in range(dims)]
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
 def load(fashion_mnist_dir, seed):
   """((train images, labels), (test images, labels)), images NHWC in [0, 1]."""
   if fashion_mnist_dir:
-    parts = []
-    for prefix in ('train', 't10k'):
-      images = _idx(os.path.join(fashion_mnist_dir,
-                                 f'{prefix}-images-idx3-ubyte.gz'))
-      labels = _idx(os.path.join(fashion_mnist_dir,
-                                 f'{prefix}-labels-idx1-ubyte.gz'))
-      images = (images[..., None] / 255.0).astype(np.float32)
-      parts.append((images, labels.astype(np.int32)))
-    return tuple(parts), 7
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  images, labels = load_digits(return_X_y=True)
-  images = (images.reshape(-1, 8, 8, 1) / 16.0).astype(np.float32)
-  order = np.random.default_rng(seed).permutation(len(images))
-  images, labels = images[order], labels[order].astype(np.int32)
-  split = int(0.8 * len(images))
-  return ((images[:split], labels[:split]),
-          (images[split:], labels[split:])), 2
+    images, patch = data_lib.load_fashion_mnist(fashion_mnist_dir), 7
+  else:
+    images, patch = data_lib.load_digits(seed=seed), 2
+  return ((images.x_train, images.y_train),
+          (images.x_test, images.y_test)), patch
 
 
 def batches(images, labels, batch_size, steps, seed):
@@ -115,12 +92,6 @@ def batches(images, labels, batch_size, steps, seed):
       index = order[start:start + batch_size]
       yield images[index], labels[index]
       count += 1
-
-
-def _no_decay(params):
-  return jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim > 1 and path[-1].key not in ('pos', 'cls'),
-      params)
 
 
 def _largest(tree) -> float:
@@ -215,7 +186,7 @@ def main():
   example = jnp.asarray(x_train[:args.batch_size], args.dtype)
   params = jax.jit(model.init)(jax.random.key(args.seed), example)['params']
   layers = mac_optax.find_layers(model.apply, {'params': params}, example)
-  decay_mask = _no_decay(params)
+  decay_mask = training.decay_mask(params)
   warmup = max(1, args.steps // 20)
 
   def schedule(peak):
