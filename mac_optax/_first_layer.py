@@ -103,12 +103,7 @@ def _first_called_layer(apply_fn, variables, args, layers, apply_kwargs):
 
 
 def _check_path(layers: _layers.Layers, path: Path) -> None:
-  if path not in layers:
-    raise ValueError(
-        f'{path_str(path)} is not a preconditioned layer of `layers` (known:'
-        f' {layers.known()}).'
-    )
-  spec = layers[path]
+  spec = layers.require(path, '`paths` asks')
   _layers.check_exact_factor(spec, f'layer {path_str(path)} ({spec.module})')
 
 

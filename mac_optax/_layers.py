@@ -108,6 +108,14 @@ class Layers(Mapping[Path, LayerSpec]):
     """The layer paths, for error messages."""
     return ', '.join(path_str(p) for p in self._specs) or 'none'
 
+  def require(self, path: Path, what: str) -> LayerSpec:
+    """The spec at ``path``; raises naming ``what`` was given for it."""
+    if path not in self._specs:
+      raise ValueError(
+          f'{what} for {path_str(path)}, which is not a preconditioned layer'
+          f' of `layers` (known: {self.known()}).')
+    return self._specs[path]
+
 
 def check_exact_factor(spec: LayerSpec, where: str) -> None:
   """Raises unless ``spec`` can take a full ``d x d`` input factor."""

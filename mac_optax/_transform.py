@@ -149,13 +149,7 @@ def _check_second_moments(
   """{module path: Σ or its shape} from the ``second_moments`` argument."""
   flat = _unnest(second_moments, SECOND_MOMENT, 'second_moments', (_INVERSE,))
   for path, moment in flat.items():
-    if path not in layers:
-      raise ValueError(
-          f'second_moments has a matrix for {path_str(path)}, which is not a'
-          ' preconditioned layer of `layers` (known:'
-          f' {layers.known()}).'
-      )
-    spec = layers[path]
+    spec = layers.require(path, 'second_moments has a matrix')
     where = f'second_moments for layer {path_str(path)} ({spec.module})'
     _layers.check_exact_factor(spec, where)
     expected = (spec.dim, spec.dim)
@@ -467,13 +461,8 @@ def scale_by_mac(
                       (_INVERSE,))
     inverses = _unnest(state.exact_factors, _INVERSE, 'exact_factors',
                        (SECOND_MOMENT,))
-    for path, stat in stats.items():
-      if path not in layers:
-        raise ValueError(
-            f'mac_stats has a statistic for {path_str(path)}, which is not a'
-            ' preconditioned layer of `layers` (known:'
-            f' {layers.known()}).'
-        )
+    for path in stats:
+      layers.require(path, 'mac_stats has a statistic')
     for path in emas:
       spec = layers[path]
       if path not in stats:

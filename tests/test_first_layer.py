@@ -235,7 +235,7 @@ def test_bad_requests_name_the_layer(vit):
   measure = lambda **kw: mac_optax.input_second_moments(
       model.apply, {'params': params}, images, layers=layers, progress=False,
       **kw)
-  with pytest.raises(ValueError, match=r'nope is not a preconditioned layer'):
+  with pytest.raises(ValueError, match=r'`paths` asks for nope, which is not a preconditioned layer'):
     measure(paths=['nope'])
   with pytest.raises(ValueError, match=r'layer attn/value .*attention_value'):
     measure(paths=['attn/value'])
