@@ -72,7 +72,7 @@ DEFAULTS = {
     'bert': Defaults('shakespeare', width=64, depth=2, heads=4, patch=0,
                      context=64, batch_size=128, epochs=None, steps=700,
                      evals=10, first_layer=False,
-                     learning_rates={'mac': 0.3, 'adamw': 3e-3, 'sgd': 0.3},
+                     learning_rates={'mac': 0.3, 'adamw': 0.01, 'sgd': 0.3},
                      grids=_GRIDS),
 }
 SWEEP_EVALS = 4
