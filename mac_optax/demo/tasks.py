@@ -56,10 +56,6 @@ class Task:
   units: str
   epoch_inputs: Callable[[int], Iterator[np.ndarray]] | None = None
 
-  @property
-  def maximize(self) -> bool:
-    return self.metric == 'accuracy'
-
 
 def _chunk(inputs, targets, weights, size) -> list[Batch]:
   """Cuts arrays into equal batches, padding the last one with weight 0."""

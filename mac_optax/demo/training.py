@@ -20,6 +20,7 @@ import optax
 from tqdm import tqdm
 
 import mac_optax
+from mac_optax.demo import models
 from mac_optax.demo import tasks as tasks_lib
 
 OPTIMIZERS = ('mac', 'adamw', 'sgd')
@@ -302,7 +303,7 @@ def train(task: tasks_lib.Task, optimizer: str, learning_rate: float,
       seed=seed, metric=task.metric, eval_name=task.eval_name,
       compile_seconds=time.perf_counter() - start,
       setup_seconds=setup_seconds,
-      params=sum(int(p.size) for p in jax.tree.leaves(params)),
+      params=models.count_params(params),
       device=jax.devices()[0].device_kind)
 
   def record(done, seconds, losses):
