@@ -1,13 +1,19 @@
-"""What MAC costs against optax SGD-momentum and AdamW, as markdown tables.
+"""What MAC costs against SGD-momentum, AdamW, Muon and K-FAC, as markdown.
 
     python -m benchmarks.cost [--device cpu|gpu] [--rounds 7] [--steps 5]
-        [--demo-results DIR] [--skip-scaling] [--skip-layer] [--quick]
+        [--optimizers mac,sgd,...] [--demo-results DIR] [--skip-scaling]
+        [--skip-layer] [--quick]
 
 Table 1, the demo's models (ViT, ResNet-style CNN with BatchNorm, BERT-style
 masked LM with a padding mask, GPT) at their demo sizes, one full jitted
 training step each: MAC (the demo's settings without weight decay: damping 3,
-stat_decay 0.99, t_cov = t_inv = 5, statistics captured every step) against
-``optax.sgd(momentum=0.9)`` and ``optax.adamw`` on the plain model.
+stat_decay 0.99, t_cov = t_inv = 5, statistics captured every step), its
+presets ``mac_adamw`` (MAC on the preconditioned layers, AdamW elsewhere) and
+``pre_muon`` (MAC's preconditioner before Muon), ``optax.sgd(momentum=0.9)``,
+``optax.adamw``, ``optax.contrib.muon`` and K-FAC (``kfac-jax``, curvature
+estimated every step, inverses every 5th; its step is timed over whole
+periods, and its temp memory is that of a step that refreshes the
+inverses). An optimizer that cannot run a model gets its error as the row.
 
 * step time: the optimizers run in one process, interleaved round by round;
   each ratio is the median over rounds of the per-round ratio, so that machine
@@ -62,6 +68,9 @@ def _parse():
   p.add_argument('--steps', type=int, default=5, help='steps per round')
   p.add_argument('--models', default='vit,cnn,bert,gpt',
                  help='demo models for table 1')
+  p.add_argument('--optimizers', default=','.join(OPTIMIZERS),
+                 help='optimizers for table 1 (sgd always runs: the'
+                 ' ratios are to it)')
   p.add_argument('--widths', default='128,256,512,1024')
   p.add_argument('--lengths', default='64,128,256,512,1024')
   p.add_argument('--scaling-batch', type=int, default=8)
@@ -79,6 +88,10 @@ def _parse():
 
 MAC_SETTINGS = dict(momentum=0.9, weight_decay=0.0, damping=3.0,
                     stat_decay=0.99, t_cov=5, t_inv=5)
+OPTIMIZERS = ('mac', 'mac_adamw', 'pre_muon', 'sgd', 'adamw', 'muon', 'kfac')
+# Steps per timing call for K-FAC: a whole inverse-update period, so that
+# every timed call has the same mix of cheap and refreshing steps.
+KFAC_PERIOD = 5
 TEXT_VOCAB = 84
 
 
@@ -120,11 +133,56 @@ def _tree_bytes(tree) -> int:
 
 
 def _optimizers(layers):
+  preconditioner = {k: MAC_SETTINGS[k] for k in ('damping', 'stat_decay',
+                                                 't_cov', 't_inv')}
   return {
       'mac': (mac_optax.mac(0.1, layers=layers, **MAC_SETTINGS), True),
+      'mac_adamw': (mac_optax.mac_adamw(0.1, layers=layers,
+                                        adam_learning_rate=1e-3,
+                                        **MAC_SETTINGS), True),
+      'pre_muon': (mac_optax.preconditioned(optax.contrib.muon(0.02),
+                                            layers=layers, **preconditioner),
+                   True),
       'sgd': (optax.sgd(0.1, momentum=0.9), False),
       'adamw': (optax.adamw(1e-3), False),
+      'muon': (optax.contrib.muon(0.02), False),
   }
+
+
+def _kfac_run(task, params, state, batch):
+  """K-FAC's timed step (whole periods) and its memory, or its error."""
+  from mac_optax.demo import kfac  # pylint: disable=g-import-not-at-top
+  try:
+    optimizer = kfac.kfac_optimizer(task, lambda _: 0.01, damping=0.1)
+    key = jax.random.key(0)
+    carry = jax.tree.map(jnp.array, (params, state))
+    opt_state = optimizer.init(carry[0], key, batch, carry[1])
+
+    def period(params, state, opt_state, batch):
+      for _ in range(KFAC_PERIOD):
+        params, opt_state, state, stats = optimizer.step(
+            params, opt_state, key, batch=batch, func_state=state)
+      return params, state, opt_state, stats['loss']
+
+    # One step that refreshes the inverses, as a function of its inputs, for
+    # XLA's memory analysis (K-FAC's own step is jitted inside it).
+    def refresh_step(params, state, opt_state, batch):
+      params, opt_state, state, stats = optimizer.step(
+          params, opt_state, key, batch=batch, func_state=state,
+          global_step_int=0)
+      return params, state, opt_state, stats['loss']
+
+    fresh = jax.tree.map(jnp.array, (params, state, opt_state))
+    compiled = jax.jit(refresh_step).lower(*fresh, batch).compile()
+    memory = compiled.memory_analysis()
+    run = {'step': period, 'carry': (*carry, opt_state), 'batch': batch,
+           'times': [], 'state_bytes': _tree_bytes(opt_state),
+           'temp_bytes': memory.temp_size_in_bytes if memory else float('nan'),
+           'steps_per_call': KFAC_PERIOD}
+    _run_steps(run, 1)  # compiles both kinds of step
+    return run
+  except Exception as error:  # pylint: disable=broad-except
+    return {'error': f'{type(error).__name__}: {" ".join(str(error).split())}'}
 
 
 def _compiled_runs(task, batch_size, names=('mac', 'sgd', 'adamw')):
@@ -150,10 +208,13 @@ def _compiled_runs(task, batch_size, names=('mac', 'sgd', 'adamw')):
         'state_bytes': _tree_bytes(opt_state),
         'temp_bytes': memory.temp_size_in_bytes if memory else float('nan'),
     }
+  if 'kfac' in names:
+    runs['kfac'] = _kfac_run(task, params, state, batch)
   return runs, _tree_bytes(params) // 4
 
 
 def _run_steps(run, steps) -> float:
+  """Seconds per training step over ``steps`` calls of ``run['step']``."""
   params, state, opt_state = run['carry']
   jax.block_until_ready(params)
   start = time.perf_counter()
@@ -162,16 +223,18 @@ def _run_steps(run, steps) -> float:
                                                  run['batch'])
   jax.block_until_ready(loss)
   run['carry'] = (params, state, opt_state)
-  return (time.perf_counter() - start) / steps
+  return (time.perf_counter() - start) / (steps * run.get('steps_per_call', 1))
 
 
 def _time(runs, rounds, steps):
-  """Interleaved rounds; fills ``run['times']``."""
+  """Interleaved rounds; fills ``run['times']`` (failed runs are skipped)."""
+  runs = {k: v for k, v in runs.items() if 'error' not in v}
   for run in runs.values():
     _run_steps(run, max(2, steps // 2))  # warm up caches and allocator
   for _ in range(rounds):
     for run in runs.values():
-      run['times'].append(_run_steps(run, steps))
+      calls = max(1, steps // run.get('steps_per_call', 1))
+      run['times'].append(_run_steps(run, calls))
 
 
 def _ratio(runs, a, b) -> float:
@@ -183,33 +246,45 @@ def _mb(n) -> str:
   return f'{n / 2**20:,.1f}'
 
 
-def model_table(names, rounds, steps):
+OPTIMIZER_LABELS = {'mac': 'MAC', 'mac_adamw': 'MAC + AdamW',
+                    'pre_muon': 'MAC → Muon', 'sgd': 'SGD-momentum',
+                    'adamw': 'AdamW', 'muon': 'Muon', 'kfac': 'K-FAC'}
+
+
+def model_table(names, rounds, steps, optimizers=OPTIMIZERS):
+  """One row per model and optimizer; ratios to SGD-momentum."""
+  optimizers = [o for o in OPTIMIZERS if o in optimizers or o == 'sgd']
   rows = []
   for name in names:
     defaults = cli.DEFAULTS[name]
     config = {k: getattr(defaults, k) for k in ('width', 'depth', 'heads',
                                                 'patch', 'context')}
     task = _synthetic_task(name, config)
-    runs, params = _compiled_runs(task, defaults.batch_size)
+    runs, params = _compiled_runs(task, defaults.batch_size, optimizers)
     _time(runs, rounds, steps)
-    ms = lambda k: f'{1e3 * statistics.median(runs[k]["times"]):.1f}'
-    state = lambda k: runs[k]['state_bytes']
-    temp = lambda k: runs[k]['temp_bytes']
-    rows.append((
-        f'{name} ({defaults.batch_size} × '
-        f'{"28×28" if name in ("vit", "cnn") else defaults.context})',
-        f'{params / 1e3:,.0f} k', ms('mac'), ms('sgd'), ms('adamw'),
-        f'{_ratio(runs, "mac", "sgd"):.3f}',
-        f'{_ratio(runs, "mac", "adamw"):.3f}',
-        f'{state("mac") / state("sgd"):.4f}',
-        f'{state("mac") / state("adamw"):.4f}',
-        _mb(temp('mac')), _mb(temp('sgd')),
-        f'{temp("mac") / temp("sgd"):.3f}',
-    ))
-  header = ('model (batch × input)', 'params', 'MAC ms', 'SGD ms', 'AdamW ms',
-            'time MAC/SGD', 'time MAC/AdamW', 'state MAC/SGD',
-            'state MAC/AdamW', 'temp MAC MiB', 'temp SGD MiB',
-            'temp MAC/SGD')
+    model = (f'{name} ({defaults.batch_size} × '
+             f'{"28×28" if name in ("vit", "cnn") else defaults.context},'
+             f' {params / 1e3:,.0f} k params)')
+    sgd = runs['sgd']
+    for optimizer in optimizers:
+      run = runs[optimizer]
+      label = OPTIMIZER_LABELS[optimizer]
+      if 'error' in run:
+        rows.append((model, label, f'failed: {run["error"]}', '—', '—', '—',
+                     '—', '—'))
+        continue
+      rows.append((
+          model, label,
+          f'{1e3 * statistics.median(run["times"]):.1f}',
+          f'{_ratio(runs, optimizer, "sgd"):.3f}',
+          f'{run["state_bytes"] / 1024:,.0f}',
+          f'{run["state_bytes"] / sgd["state_bytes"]:.3f}',
+          _mb(run['temp_bytes']),
+          f'{run["temp_bytes"] / sgd["temp_bytes"]:.3f}',
+      ))
+  header = ('model (batch × input)', 'optimizer', 'step ms',
+            'time / SGD', 'state KiB', 'state / SGD', 'temp MiB',
+            'temp / SGD')
   return header, rows
 
 
@@ -326,7 +401,13 @@ def main():
   if names:
     print('Table 1: training step (forward, backward, update) of the demo'
           ' models\n')
-    print(report.markdown_table(*model_table(names, rounds, steps)) + '\n')
+    optimizers = [o for o in args.optimizers.split(',') if o]
+    unknown = sorted(set(optimizers) - set(OPTIMIZERS))
+    if unknown:
+      raise SystemExit(f'unknown optimizers {unknown}; choose from'
+                       f' {OPTIMIZERS}.')
+    print(report.markdown_table(*model_table(names, rounds, steps,
+                                             optimizers)) + '\n')
   if not args.skip_scaling:
     print(f'Table 2: scaling, BERT-style model, 2 blocks, batch'
           f' {args.scaling_batch}, MAC vs optax.sgd(momentum=0.9)\n')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -172,13 +173,19 @@ def multi_steps(
   zero_stats = _zeros_like_stats(example_stats)
   accumulator_dtype = jnp.dtype(accumulator_dtype)
 
+  def _zeros_like_param(param):
+    if not hasattr(param, 'shape') and not isinstance(param, numbers.Number):
+      # optax.tree.map_params' placeholder for the params: kept, so that
+      # state_sharding shards the accumulator like the params.
+      return param
+    return jnp.zeros(np.shape(param), accumulator_dtype)
+
   def init_fn(params):
     return MultiStepsState(
         mini_step=jnp.zeros([], jnp.int32),
         gradient_step=jnp.zeros([], jnp.int32),
         inner_opt_state=opt.init(params),
-        acc_grads=jax.tree.map(
-            lambda p: jnp.zeros(np.shape(p), accumulator_dtype), params),
+        acc_grads=jax.tree.map(_zeros_like_param, params),
         acc_stats=zero_stats,
     )
 

@@ -48,11 +48,14 @@ def mac(
 
   Args:
     learning_rate: :math:`\eta`, a scalar or an optax schedule.
-    layers: the preconditioned layers, from :func:`find_layers`.
+    layers: the preconditioned layers, from :func:`find_layers` (not empty,
+      unless found with ``allow_empty=True``).
     momentum: :math:`\mu`, heavy-ball momentum.
     weight_decay: :math:`w`, decoupled weight decay.
-    damping: :math:`\lambda > 0`.
-    stat_decay: EMA decay :math:`\beta \in [0, 1)` of the mean activations.
+    damping: :math:`\lambda > 0`, a scalar (an injected value below 1e-20
+      acts as 1e-20, see :func:`scale_by_mac`).
+    stat_decay: EMA decay :math:`\beta \in [0, 1)` of the mean activations
+      (an injected value is clamped into it).
     t_cov: statistics are folded into the EMA every ``t_cov`` steps.
     t_inv: the preconditioner is refreshed every ``t_inv`` steps.
     nesterov: Nesterov momentum.
@@ -62,7 +65,8 @@ def mac(
     axis_name: the ``shard_map``/``pmap`` data axis over which the statistics
       are merged; None under ``jax.jit`` (see :func:`scale_by_mac`).
     second_moments: input second moments of the layers that get the exact
-      ``(Σ + λI)⁻¹`` factor, from :func:`input_second_moments`.
+      ``(Σ + λI)⁻¹`` factor, from :func:`input_second_moments` (finite,
+      symmetric and positive semi-definite, else a ``ValueError``).
     second_moment_scale: ``'unscaled'`` (the reference) or ``'damping'``, see
       :func:`scale_by_mac`.
 

@@ -11,17 +11,27 @@ collection cannot leave the transform. The statistics then travel in a
 collection the transform does scan: ``'intermediates'`` when it is listed
 (MaxText), else ``'params'``, which ``apply`` makes mutable for this purpose
 only when it is needed, and strips again, so the model needs no edit.
+
+A function that calls ``model.apply`` (a wrapper) is captured through
+``nn.Module.apply`` itself: while a capture runs, the class attribute is a
+dispatcher that hands each call made in the capturing thread to that thread's
+handler, and every other call to the original. The dispatcher is installed
+once for all threads and removed when the last capture ends; flax keeps its
+interceptors per thread, so captures in several threads do not meet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
+import threading
 from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 from flax.core import scope as flax_scope
+from flax.core import tracers as flax_tracers
 from flax.nnx import bridge as nnx_bridge
 import jax
 
@@ -39,6 +49,118 @@ _WEIGHTS_COLLECTION = 'intermediates'
 _WEIGHTS_NAME = 'attention_weights'
 _CHANNELS = (_WEIGHTS_COLLECTION, 'params')
 ORIGINAL_APPLY = nn.Module.apply
+
+
+class _ApplyHandlers(threading.local):
+  """Per thread: who handles ``Module.apply`` calls now (innermost last)."""
+
+  def __init__(self):
+    super().__init__()
+    self.stack: list[Callable[..., Any]] = []
+
+
+_HANDLERS = _ApplyHandlers()
+_PATCH_LOCK = threading.Lock()
+_patch_users = 0
+
+
+@functools.wraps(ORIGINAL_APPLY)
+def _dispatching_apply(module, *args, **kwargs):
+  """``nn.Module.apply`` while any thread captures: this thread's handler."""
+  stack = _HANDLERS.stack
+  if not stack:
+    return ORIGINAL_APPLY(module, *args, **kwargs)
+  return stack[-1](module, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def handling_applies(handler: Callable[..., Any]) -> Iterator[None]:
+  """Sends this thread's ``Module.apply`` calls to ``handler`` meanwhile.
+
+  ``handler(module, *args, **kwargs)`` runs in place of ``apply``; other
+  threads keep the original. ``nn.Module.apply`` is the original again once
+  no thread handles applies, also after an exception.
+  """
+  global _patch_users
+  with _PATCH_LOCK:
+    if _patch_users == 0:
+      nn.Module.apply = _dispatching_apply
+    _patch_users += 1
+  _HANDLERS.stack.append(handler)
+  try:
+    yield
+  finally:
+    _HANDLERS.stack.pop()
+    with _PATCH_LOCK:
+      _patch_users -= 1
+      if _patch_users == 0:
+        nn.Module.apply = ORIGINAL_APPLY
+
+
+def current_trace():
+  """An opaque token of the JAX trace that values are made in now."""
+  return flax_tracers.current_trace()
+
+
+def _unjit(function):
+  """The Python function inside ``jax.jit(function)``, else ``function``.
+
+  Captured inside the caller's trace, a jitted function runs inlined there;
+  called as a jitted function it could reuse a trace made before the capture.
+  """
+  while (callable(function) and hasattr(function, '__wrapped__')
+         and hasattr(function, 'lower') and hasattr(function, 'trace')):
+    function = function.__wrapped__
+  return function
+
+
+def module_of_apply(function) -> nn.Module | None:
+  """The module when ``function`` is ``module.apply``, else None."""
+  if isinstance(function, functools.partial) and not function.keywords:
+    if function.func in (ORIGINAL_APPLY, _dispatching_apply) and (
+        len(function.args) == 1 and isinstance(function.args[0], nn.Module)):
+      return function.args[0]
+    return None
+  if (inspect.ismethod(function)
+      and function.__func__ in (ORIGINAL_APPLY, _dispatching_apply)
+      and isinstance(function.__self__, nn.Module)):
+    return function.__self__
+  return None
+
+
+def kernel_owners(params: Any, path: Path = ()) -> list[Path]:
+  """Paths of the modules that own a ``kernel`` in a params tree."""
+  if not isinstance(params, Mapping):
+    return []
+  found = [path] if 'kernel' in params else []
+  for key, value in params.items():
+    if key != 'kernel':
+      found.extend(kernel_owners(value, path + (key,)))
+  return found
+
+
+def params_of(variables: Any) -> Any:
+  """The parameter tree of linen ``variables`` (or the tree itself)."""
+  if isinstance(variables, Mapping) and 'params' in variables:
+    return variables['params']
+  return variables
+
+
+def describe_modules(paths, module_types: Mapping[Path, str]) -> str:
+  """``'a/b (Type), c (not called)'`` for error messages."""
+  return ', '.join(
+      f'{path_str(p)} ({module_types.get(p, "not called")})' for p in paths)
+
+
+def no_statistics_error(what: str, owners, module_types) -> ValueError:
+  """The error for a capture that found kernels but recorded nothing."""
+  return ValueError(
+      f'{what}, but no layer MAC knows ran, so MAC would train as plain'
+      ' momentum. Modules owning a kernel:'
+      f' {describe_modules(owners, module_types)}. Teach MAC their layer'
+      ' classes with mac_optax.register_layer (or register_attention), or'
+      ' pass allow_empty=True to accept no statistics.'
+  )
 
 Path = _stats.Path
 path_str = _stats.path_str
@@ -73,6 +195,18 @@ def _first_argument(bound: inspect.BoundArguments):
   return list(bound.arguments.values())[1]
 
 
+def _is_own_call(module: nn.Module, rule, context) -> bool:
+  """Whether this is the ``__call__`` of the class that ``rule`` is for.
+
+  Not so for a subclass's override (``super().__call__(2 * x)``), whose input
+  is not what the kernel multiplies.
+  """
+  owner = _tracking.rule_owner(type(module), rule)
+  own = getattr(owner.__call__, '__wrapped__', owner.__call__)
+  called = getattr(context.orig_method, 'func', context.orig_method)
+  return called is own
+
+
 def record_linen(module: nn.Module, path: Path, entry, nested=False) -> None:
   """Sows one call's statistics where they can leave ``apply``.
 
@@ -97,8 +231,7 @@ class Interceptor:
     self.injected_weight_paths: list[Path] = []
     self.nested_applies = 0
 
-  @contextlib.contextmanager
-  def passing_nested_applies(self) -> Iterator[None]:
+  def passing_nested_applies(self):
     """Lets ``Module.apply`` calls made inside the captured one pass through.
 
     A model may run another module through its own ``apply`` (Hugging Face
@@ -106,21 +239,14 @@ class Interceptor:
     embedding's transpose). Such a layer's weights are not parameters of the
     captured model, so they are not its layers.
     """
-    outer = nn.Module.apply
+    return handling_applies(self._nested_apply)
 
-    @functools.wraps(outer)
-    def nested_apply(module, *args, **kwargs):
-      self.nested_applies += 1
-      try:
-        return ORIGINAL_APPLY(module, *args, **kwargs)
-      finally:
-        self.nested_applies -= 1
-
-    nn.Module.apply = nested_apply
+  def _nested_apply(self, module, *args, **kwargs):
+    self.nested_applies += 1
     try:
-      yield
+      return ORIGINAL_APPLY(module, *args, **kwargs)
     finally:
-      nn.Module.apply = outer
+      self.nested_applies -= 1
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
@@ -140,9 +266,10 @@ class Interceptor:
       return self.tracker.other_call(
           module, path, lambda: next_fun(*args, **kwargs))
     bound = _bind(context, args, kwargs)
-    return self.tracker.layer_call(
-        module, path, rule, bound.arguments, _first_argument(bound),
-        lambda: _call_bound(next_fun, bound))
+    call = (self.tracker.layer_call if _is_own_call(module, rule, context)
+            else self.tracker.override_call)
+    return call(module, path, rule, bound.arguments, _first_argument(bound),
+                lambda: _call_bound(next_fun, bound))
 
   def _attention(self, next_fun, args, kwargs, context, rule):
     module = context.module
@@ -243,6 +370,16 @@ def _finalize(collection: Any, foreign: dict[Path, Any]) -> dict:
                for path, entries in per_path.items()})
 
 
+@dataclasses.dataclass
+class Seen:
+  """What a capture ran: ``Module.apply`` calls, and every module's type."""
+
+  applies: int = 0
+  module_types: dict[Path, str] = dataclasses.field(default_factory=dict)
+  # Layers deliberately not recorded (decoding, PassThrough rules).
+  skipped: set[Path] = dataclasses.field(default_factory=set)
+
+
 class Capture:
   """A linen ``apply`` that also returns MAC's per-layer statistics.
 
@@ -256,8 +393,18 @@ class Capture:
       attention_aware: bool = True,
       value_stat: str = 'reference',
       depthwise_shared: bool = True,
+      allow_empty: bool = False,
   ):
     self.apply_fn = apply_fn
+    self.allow_empty = allow_empty
+    # model.apply itself runs under the interceptor here; any other function
+    # (a wrapper) is run with its applies captured as they happen.
+    self._target = _unjit(apply_fn)
+    self._module = module_of_apply(self._target)
+    if self._module is not None:
+      # Not the bound method: looked up while another thread captured, it
+      # would be the dispatcher, which hands this call to the nested handler.
+      self._target = functools.partial(ORIGINAL_APPLY, self._module)
     self.options = _rules.Options(
         attention_aware=attention_aware,
         value_stat=value_stat,
@@ -272,14 +419,63 @@ class Capture:
     self._params_channel = False
     functools.update_wrapper(self, apply_fn, updated=())
 
-  def __call__(self, variables, *args, mutable=False, **kwargs):
-    return self.apply_with_recorder(None, variables, *args, mutable=mutable,
-                                    **kwargs)
+  def __call__(self, variables, *args, **kwargs):
+    result, stats, seen = self.run(None, variables, *args, **kwargs)
+    if not stats and not self.allow_empty:
+      self._raise_empty(variables, seen)
+    return result, stats
 
-  def apply_with_recorder(
-      self, recorder, variables, *args, mutable=False, **kwargs
-  ):
+  def _raise_empty(self, variables, seen) -> None:
+    """Raises for a call that recorded nothing where something should be."""
+    name = getattr(self.apply_fn, '__name__', 'the function')
+    if self._module is None and not seen.applies:
+      raise ValueError(
+          f'capture({name}): no flax Module.apply ran while capturing, so no'
+          ' statistics were recorded. A function jitted with jax.jit and'
+          ' already traced outside the capture reuses that trace and runs no'
+          ' model here: capture the function without its jax.jit (capture'
+          ' unwraps a jax.jit given to it directly), or call model.apply'
+          ' inside it. Pass allow_empty=True to accept no statistics.'
+      )
+    if self._module is None:  # the kernels of the applies the wrapper ran
+      owners = seen.kernel_owners
+    else:
+      owners = [path for path in kernel_owners(params_of(variables))
+                if path not in seen.skipped]
+    if owners:
+      raise no_statistics_error(
+          f'capture({name}) ran the model', owners, seen.module_types)
+
+  def apply_with_recorder(self, recorder, variables, *args, **kwargs):
     """Runs the wrapped apply; ``recorder`` (or None) collects layer facts."""
+    result, stats, _ = self.run(recorder, variables, *args, **kwargs)
+    return result, stats
+
+  def run(self, recorder, variables, *args, **kwargs):
+    """Runs the wrapped function.
+
+    Returns:
+      ``(result, mac_stats, seen)``; ``seen`` (a :class:`Seen`, or for a
+      wrapper the ``Recording`` of its applies) tells how many applies ran,
+      the type of every module called and the layers skipped on purpose.
+    """
+    if self._module is None:
+      return self._run_wrapper(recorder, variables, args, kwargs)
+    mutable = kwargs.pop('mutable', False)
+    return self._run_apply(recorder, variables, args, mutable, kwargs)
+
+  def _run_wrapper(self, recorder, variables, args, kwargs):
+    """A function calling ``model.apply``: its applies are captured."""
+    from mac_optax import _recording  # pylint: disable=g-import-not-at-top
+    options = dict(attention_aware=self.options.attention_aware,
+                   value_stat=self.options.value_stat,
+                   depthwise_shared=self.options.depthwise_shared)
+    with _recording.recording_applies(options, recorder) as record:
+      result = self._target(variables, *args, **kwargs)
+    stats = _recording.merge_disjoint(record.parts) if record.parts else {}
+    return result, stats, record
+
+  def _run_apply(self, recorder, variables, args, mutable, kwargs):
     try:
       return self._apply(recorder, variables, args, mutable, kwargs)
     except _NeedsParamsChannel as error:
@@ -316,7 +512,7 @@ class Capture:
     # traces, because intercept_methods is not part of jax.jit's cache key.
     with nn.intercept_methods(interceptor), (
         interceptor.passing_nested_applies()):
-      outputs, state = self.apply_fn(
+      outputs, state = self._target(
           variables,
           *args,
           mutable=flax_scope.union_filters(mutable, ours),
@@ -349,10 +545,12 @@ class Capture:
       state[_WEIGHTS_COLLECTION] = weights
     state = {k: v for k, v in state.items() if k in kept and (
         v or k not in (_WEIGHTS_COLLECTION,))}
+    seen = Seen(applies=1, module_types=tracker.module_types,
+                skipped=tracker.skipped)
     # Same rule as flax.core.apply: any mutable other than False returns state.
     if mutable is not False or kwargs.get('capture_intermediates'):
-      return (outputs, state), stats
-    return outputs, stats
+      return (outputs, state), stats, seen
+    return outputs, stats, seen
 
 
 def capture(
@@ -361,6 +559,7 @@ def capture(
     attention_aware: bool = True,
     value_stat: str = 'reference',
     depthwise_shared: bool = True,
+    allow_empty: bool = False,
 ):
   r"""Wraps ``model.apply`` (linen) or a model (NNX) to also return MAC's statistics.
 
@@ -414,15 +613,33 @@ def capture(
   Layers inside ``nn.scan`` need no change to the model: their statistics
   come out stacked like their kernels.
 
+  A wrapper of ``model.apply`` is captured like ``model.apply`` itself: every
+  ``Module.apply`` it reaches is captured (several merge, as in
+  :func:`recording`), and applies made inside a captured one (a tied decoder)
+  are part of it. A ``jax.jit``-ed function given here is run unjitted inside
+  the caller's trace; an ``apply`` reached inside a JAX transformation that
+  the wrapper applies itself (a nested ``jax.jit``, ``jax.vmap``) raises,
+  since its statistics could not leave it.
+
+  For a subclass of a known layer that overrides ``__call__`` (``class
+  Scaled(nn.Dense)`` calling ``super().__call__(2 * x)``), the statistic is
+  that of the input the layer class's own ``__call__`` receives, which is what
+  the kernel multiplies.
+
   Args:
-    apply_fn: a linen ``Module.apply`` (bound method or any function with its
-      signature), or an NNX module (or bound method of one).
+    apply_fn: a linen ``model.apply``, or any function that calls it (directly
+      or through other functions; it is called with the arguments given and
+      its result returned unchanged), or an NNX module (or bound method of
+      one).
     attention_aware: give attention value projections the attention-weighted
       statistic; ``False`` treats them as plain layers.
     value_stat: ``'reference'`` (one head-averaged vector, the authors'
       statistic) or ``'per_head'``.
     depthwise_shared: share one mean patch over the channels of a depthwise
       convolution, as the reference does.
+    allow_empty: accept a call that records no statistics. Otherwise a call
+      that records none raises when the parameters have kernels (naming the
+      modules that own them), or when a wrapper ran no ``Module.apply``.
 
   Returns:
     A callable returning ``(result, mac_stats)``.
@@ -438,7 +655,7 @@ def capture(
   """
   from mac_optax import _nnx  # pylint: disable=g-import-not-at-top
   options = dict(attention_aware=attention_aware, value_stat=value_stat,
-                 depthwise_shared=depthwise_shared)
+                 depthwise_shared=depthwise_shared, allow_empty=allow_empty)
   if _nnx.is_nnx(apply_fn):
     return _nnx.NNXCapture(apply_fn, **options)
   return Capture(apply_fn, **options)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mac_optax import _sharding
+
 
 @dataclasses.dataclass(frozen=True)
 class ConvGeometry:
@@ -180,9 +182,10 @@ def mean_patch(
     )
   batch_dims = inputs.ndim - rank - 1
   batch_size = int(np.prod(inputs.shape[:batch_dims], dtype=np.int64))
-  mean_input = jnp.mean(
+  # One example's worth of values, replicated (see _sharding.replicated).
+  mean_input = _sharding.replicated(jnp.mean(
       inputs, axis=tuple(range(batch_dims)), dtype=jnp.float32
-  )
+  ))
   spatial_shape = mean_input.shape[:-1]
   channels = mean_input.shape[-1]
   pre_pads, pre_mode, pads = _axis_plans(spatial_shape, geometry)
@@ -311,7 +314,8 @@ def mean_patch_per_position(
   rank = len(geometry.kernel_size)
   batch_dims = inputs.ndim - rank - 1
   batch_size = int(np.prod(inputs.shape[:batch_dims], dtype=np.int64))
-  mean_input = jnp.mean(
+  # One example's worth of values, replicated (see _sharding.replicated).
+  mean_input = _sharding.replicated(jnp.mean(
       inputs, axis=tuple(range(batch_dims)), dtype=jnp.float32
-  )
+  ))
   return patches(mean_input, geometry), batch_size

@@ -198,6 +198,13 @@ def input_second_moments(
     ``{module path...: {'second_moment': Σ}}`` (float32, ``d x d``), nested
     like ``mac_stats``.
 
+  Raises:
+    ValueError: naming the layer, when a batch gives a non-finite ``S_b`` (a
+      NaN or Inf sample, or inputs so large that their squares overflow
+      float32: the count of such batches is given) or ``Σ`` is not
+      positive semi-definite, either of which would make every update of the
+      layer NaN.
+
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, mac_optax
     >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
@@ -276,14 +283,16 @@ def input_second_moments(
     moments = batch_moments(variables, *args)
     new = {}
     for path, (batch_moment, rows) in moments.items():
-      by_batch, by_row, all_rows = totals[path]
+      by_batch, by_row, all_rows, bad = totals[path]
+      # Counted on device, reported at the end: no host sync per batch.
+      bad = bad + (~jnp.all(jnp.isfinite(batch_moment))).astype(jnp.int32)
       new[path] = (by_batch + batch_moment, by_row + rows * batch_moment,
-                   all_rows + rows)
+                   all_rows + rows, bad)
     return new
 
   totals = {
       path: (jnp.zeros((layers[path].dim,) * 2, jnp.float32),) * 2
-      + (jnp.zeros([], jnp.float32),)
+      + (jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
       for path in paths
   }
   total_batches = num_batches
@@ -303,6 +312,16 @@ def input_second_moments(
       count += 1
       bar.update(1)
   flat = {}
-  for path, (by_batch, by_row, all_rows) in totals.items():
+  for path, (by_batch, by_row, all_rows, bad) in totals.items():
+    where = (f'the input second moment of layer {path_str(path)}'
+             f' ({layers[path].module})')
+    if int(bad):
+      raise ValueError(
+          f'{where}: {int(bad)} of {count} batches gave NaN or Inf (a sample'
+          ' with non-finite inputs, or inputs so large, |x| beyond ~1.8e19,'
+          ' that their squares overflow float32), which would make every'
+          ' update of the layer NaN. Clean or rescale those batches.'
+      )
     flat[path] = by_batch / count if weighting == 'batch' else by_row / all_rows
+    _transform.check_second_moment(flat[path], where)
   return _transform.nest(flat, SECOND_MOMENT)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Mapping
+import re
+from typing import Any, Callable, Iterable, Iterator, Mapping
+import warnings
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mac_optax import _boxes
 from mac_optax import _capture
 from mac_optax import _nnx
 from mac_optax import _recording
@@ -25,13 +29,16 @@ path_str = _stats.path_str
 class LayerSpec:
   """Static geometry of one preconditioned layer.
 
-  The kernel has shape ``stack_shape + in_shape + out_shape``: ``in_shape`` are
-  the axes contracted with the layer input (flattened, they index the
-  statistic), ``out_shape`` the output features. ``stack_shape`` holds leading
-  axes with separate weights per index: layers stacked by ``nn.scan``, the
-  batch dims of ``DenseGeneral``, the positions of ``ConvLocal``. The flattened
-  output features split into ``blocks`` contiguous blocks (convolution groups,
-  attention heads, fused query/key/value), each with its own statistic.
+  In canonical order the kernel has shape ``stack_shape + in_shape +
+  out_shape``: ``in_shape`` are the axes contracted with the layer input
+  (flattened, they index the statistic), ``out_shape`` the output features.
+  ``stack_shape`` holds leading axes with separate weights per index: layers
+  stacked by ``nn.scan``, the batch dims of ``DenseGeneral``, the positions of
+  ``ConvLocal``. The flattened output features split into ``blocks``
+  contiguous blocks (convolution groups, attention heads, fused
+  query/key/value), each with its own statistic. A kernel stored in another
+  axis order (an einsum ``'BTD,NDH->BTNH'``, a transposed dense kernel) has
+  ``kernel_axes``, the permutation that takes it as stored to canonical order.
 
   Attributes:
     kind: ``'dense'``, ``'einsum'``, ``'conv'``, ``'conv_transpose'``,
@@ -41,7 +48,10 @@ class LayerSpec:
     out_shape: kernel output axes.
     blocks: number of output blocks with their own statistic.
     has_bias: whether a bias is preconditioned jointly, as the last coordinate.
+      The bias has shape ``stack_shape + out_shape``.
     stack_shape: leading stacked-layer axes.
+    kernel_axes: ``transpose(kernel, kernel_axes)`` puts the kernel as stored
+      in canonical order; None when it is stored so.
   """
 
   kind: str
@@ -51,6 +61,7 @@ class LayerSpec:
   blocks: int
   has_bias: bool
   stack_shape: tuple[int, ...] = ()
+  kernel_axes: tuple[int, ...] | None = None
 
   @property
   def dim(self) -> int:
@@ -63,8 +74,33 @@ class LayerSpec:
     return self.stack_shape + per_layer
 
   @property
-  def kernel_shape(self) -> tuple[int, ...]:
+  def canonical_kernel_shape(self) -> tuple[int, ...]:
+    """``stack_shape + in_shape + out_shape``."""
     return self.stack_shape + self.in_shape + self.out_shape
+
+  @property
+  def kernel_shape(self) -> tuple[int, ...]:
+    """The kernel's shape as stored in the parameters."""
+    canonical = self.canonical_kernel_shape
+    if self.kernel_axes is None:
+      return canonical
+    stored = [0] * len(canonical)
+    for position, axis in enumerate(self.kernel_axes):
+      stored[axis] = canonical[position]
+    return tuple(stored)
+
+  def to_canonical(self, kernel):
+    """The kernel (or its gradient) as stored -> canonical axis order."""
+    if self.kernel_axes is None:
+      return kernel
+    return jnp.transpose(kernel, self.kernel_axes)
+
+  def from_canonical(self, kernel):
+    """Inverse of :meth:`to_canonical`: canonical -> as stored."""
+    if self.kernel_axes is None:
+      return kernel
+    inverse = tuple(int(a) for a in np.argsort(self.kernel_axes))
+    return jnp.transpose(kernel, inverse)
 
   @property
   def bias_shape(self) -> tuple[int, ...]:
@@ -76,8 +112,9 @@ class Layers(Mapping[Path, LayerSpec]):
 
   Made by :func:`find_layers`. Besides the mapping of module path to
   :class:`LayerSpec`, it remembers the type of every module it saw
-  (``modules``) and the layers it saw but cannot precondition, with the reason
-  (``unsupported``), for :func:`summary`.
+  (``modules``), the layers it saw but cannot precondition, with the reason
+  (``unsupported``), and the modules called under an attention rule
+  (``attention``), for :func:`summary`.
   """
 
   def __init__(
@@ -86,11 +123,15 @@ class Layers(Mapping[Path, LayerSpec]):
       modules: Mapping[Path, str] | None = None,
       unsupported: Mapping[Path, str] | None = None,
       value_sources: Mapping[Path, str] | None = None,
+      attention: Iterable[Path] = (),
+      with_rule: Iterable[Path] = (),
   ):
     self._specs = dict(specs)
     self.modules = dict(modules or {})
     self.unsupported = dict(unsupported or {})
     self.value_sources = dict(value_sources or {})
+    self.attention = frozenset(attention)
+    self.with_rule = frozenset(with_rule)
 
   def __getitem__(self, path: Path) -> LayerSpec:
     return self._specs[path]
@@ -146,22 +187,26 @@ def key_name(entry) -> Any:
   return None
 
 
-def is_variable(node: Any) -> bool:
-  """Whether ``node`` is a Flax NNX ``Variable`` (a leaf here, not a node)."""
-  return isinstance(node, nnx.Variable)
+# Boxed parameters (nn.Partitioned, NNX Variables) are leaves here.
+is_leaf_box = _boxes.is_leaf_box
+unbox = _boxes.unbox
+rebox = _boxes.rebox
 
-
-def unwrap(leaf: Any) -> Any:
-  """The array inside an NNX ``Variable``, or ``leaf`` itself."""
-  return leaf.get_value() if is_variable(leaf) else leaf
+# The names other modules used before linen's boxes were handled too.
+is_variable = is_leaf_box
+unwrap = unbox
 
 
 def leaf_paths(tree: Any) -> list[tuple[Path, Any]]:
-  """``(path, leaf)`` for every leaf of a nested-mapping tree."""
+  """``(path, leaf)`` for every leaf of a nested-mapping tree.
+
+  A box (see :func:`is_leaf_box`) is one leaf, given as the array inside it,
+  at the path of the parameter (``Dense_0/kernel``, not ``.../value``).
+  """
   return [
-      (tuple(key_name(k) for k in keys), leaf)
+      (tuple(key_name(k) for k in keys), unbox(leaf))
       for keys, leaf in jax.tree_util.tree_flatten_with_path(
-          tree, is_leaf=is_variable
+          tree, is_leaf=is_leaf_box
       )[0]
   ]
 
@@ -186,6 +231,36 @@ def _check_against_params(path: Path, spec: LayerSpec, params: Any) -> None:
     )
 
 
+def _kernel_axes(path: Path, call: _rules.LayerCall, stacked: int,
+                 ndim: int) -> tuple[int, ...] | None:
+  """The permutation from the stored kernel to canonical order, or None.
+
+  ``call.kernel_axes`` lists positions after the ``stacked`` leading axes
+  (which a rule cannot know about when ``nn.scan`` adds them); they come
+  first, the unlisted axes follow in stored order.
+  """
+  if call.kernel_axes is None:
+    return None
+  rest = ndim - stacked
+  listed = []
+  for axis in call.kernel_axes:
+    if not -rest <= axis < rest:
+      raise ValueError(
+          f'layer {path_str(path)} ({call.module}): its rule places kernel'
+          f' axes at {call.kernel_axes}, but the kernel has {rest} axes after'
+          f' its {stacked} stacked ones.'
+      )
+    listed.append(axis % rest)
+  if len(set(listed)) != len(listed):
+    raise ValueError(
+        f'layer {path_str(path)} ({call.module}): its rule lists kernel axes'
+        f' {call.kernel_axes} more than once.'
+    )
+  order = listed + [a for a in range(rest) if a not in listed]
+  full = tuple(range(stacked)) + tuple(stacked + a for a in order)
+  return None if full == tuple(range(ndim)) else full
+
+
 def _spec_from_params(
     path: Path, call: _rules.LayerCall, stat_shape: tuple[int, ...],
     params: Any,
@@ -195,15 +270,22 @@ def _spec_from_params(
   partial = LayerSpec(call.kind, call.module, call.in_shape, (), call.blocks,
                       call.has_bias, stack_shape)
   _check_against_params(path, partial, params)
-  kernel_shape = tuple(np.shape(lookup(params, path)['kernel']))
+  kernel_shape = tuple(np.shape(unbox(lookup(params, path)['kernel'])))
+  kernel_axes = _kernel_axes(path, call, len(stack_shape), len(kernel_shape))
+  if kernel_axes is not None:
+    stored = kernel_shape
+    kernel_shape = tuple(stored[a] for a in kernel_axes)
   prefix = stack_shape + call.in_shape
   if kernel_shape[: len(prefix)] != prefix:
+    layout = ('' if kernel_axes is None else
+              f' (stored {stored}, axes {kernel_axes} in canonical order)')
     raise ValueError(
         f'layer {path_str(path)} ({call.module}): kernel shape {kernel_shape}'
-        f' does not start with the stacked/input axes {prefix} seen in the'
-        ' forward pass.'
+        f'{layout} does not start with the stacked/input axes {prefix} seen'
+        ' in the forward pass.'
     )
-  spec = dataclasses.replace(partial, out_shape=kernel_shape[len(prefix):])
+  spec = dataclasses.replace(partial, out_shape=kernel_shape[len(prefix):],
+                             kernel_axes=kernel_axes)
   out_size = int(np.prod(spec.out_shape, dtype=np.int64))
   if out_size % spec.blocks:
     raise ValueError(
@@ -211,7 +293,7 @@ def _spec_from_params(
         f' into {spec.blocks} blocks.'
     )
   if spec.has_bias:
-    bias_shape = tuple(np.shape(lookup(params, path)['bias']))
+    bias_shape = tuple(np.shape(unbox(lookup(params, path)['bias'])))
     if bias_shape != spec.bias_shape:
       raise ValueError(
           f'layer {path_str(path)}: bias shape {bias_shape}, expected'
@@ -221,13 +303,23 @@ def _spec_from_params(
 
 
 def find_layers(apply_fn: Callable[..., Any], *args, params: Any = None,
-                **kwargs) -> Layers:
+                allow_empty: bool = False, **kwargs) -> Layers:
   """Finds the layers MAC preconditions by tracing one forward pass.
 
   The forward pass runs under ``jax.eval_shape``, so it costs no FLOPs. Pass
   the same arguments as in training (including ``mutable=['batch_stats']``,
   ``rngs=`` or a ``train`` flag): layers that a different call would skip are
   not found.
+
+  A model whose training call uses a collective over a named axis (a
+  ``BatchNorm(axis_name='batch')`` meant for ``pmap``/``shard_map``) is traced
+  with that axis bound, of size 1: the names come from the error JAX raises
+  for an unbound one. The layers found are those of the per-device call.
+
+  When no layer is found although the parameters have kernels, it raises,
+  naming the modules that own them (teach MAC their classes with
+  :func:`register_layer`), unless ``allow_empty=True``. Modules that own a
+  kernel but have no rule, beside layers found, get a warning naming them.
 
   Linen: ``find_layers(model.apply, variables, *args, **kwargs)``. NNX:
   ``find_layers(model, *args, **kwargs)``; the model is not changed. A loss
@@ -237,13 +329,17 @@ def find_layers(apply_fn: Callable[..., Any], *args, params: Any = None,
   among ``args`` provide their own).
 
   Args:
-    apply_fn: ``model.apply`` (linen), the model (NNX), or the
-      :func:`capture` wrapper used for training when it was built with
-      non-default options.
+    apply_fn: ``model.apply`` (linen) or a function that calls it (whose
+      first argument is the variables or the parameter tree), the model
+      (NNX), or the :func:`capture` wrapper used for training when it was
+      built with non-default options.
     *args: the arguments of the call: for linen the variables
       (``{'params': ..., ...}``) and then the inputs.
     params: with a :func:`with_stats` function, the parameters of its linen
       models.
+    allow_empty: accept finding no layer where the model has kernels (the
+      returned ``Layers`` then has ``allow_empty = True``, which
+      :func:`scale_by_mac` requires to run without layers).
     **kwargs: keyword arguments of the call.
 
   Returns:
@@ -259,6 +355,7 @@ def find_layers(apply_fn: Callable[..., Any], *args, params: Any = None,
     Layers(layers_0, layers_2)
   """
   recorder = _tracking.Recorder()
+  nnx_models = [arg for arg in args if isinstance(arg, nnx.Module)]
   decorated = getattr(apply_fn, 'mac_optax_with_stats', None)
   if decorated is not None:
     stats, found_params = _trace_with_stats(decorated, recorder, args, kwargs)
@@ -273,12 +370,13 @@ def find_layers(apply_fn: Callable[..., Any], *args, params: Any = None,
     if not isinstance(capture_fn, _nnx.NNXCapture):
       capture_fn = _nnx.NNXCapture(apply_fn)
     graphdef, state = nnx.split(capture_fn.model)
-    _, stats = jax.eval_shape(
+    _, stats = _eval_shape(
         lambda s: capture_fn.bound_to(nnx.merge(graphdef, s)).run(
             recorder, *args, **kwargs),
-        state,
+        state, recorder=recorder,
     )
     params = nnx.state(capture_fn.model, nnx.Param)
+    nnx_models = [capture_fn.model]
   else:
     if not isinstance(apply_fn, _capture.Capture):
       apply_fn = _capture.Capture(apply_fn)
@@ -286,18 +384,107 @@ def find_layers(apply_fn: Callable[..., Any], *args, params: Any = None,
       raise TypeError('find_layers(model.apply, variables, *inputs): the'
                       ' variables are missing.')
     variables = args[0]
-    _, stats = jax.eval_shape(
-        lambda: apply_fn.apply_with_recorder(recorder, *args, **kwargs)
+    _, stats = _eval_shape(
+        lambda: apply_fn.apply_with_recorder(recorder, *args, **kwargs),
+        recorder=recorder,
     )
-    params = (variables.get('params', {})
+    # A wrapper may take the parameter tree itself first.
+    params = (_capture.params_of(variables)
               if isinstance(variables, Mapping) else {})
   specs = {}
   for path, stat in (flatten_stats(stats) if stats else {}).items():
     specs[path] = _spec_from_params(
         path, recorder.layers[path], tuple(stat.shape), params
     )
-  return Layers(specs, recorder.modules, recorder.unsupported,
-                recorder.value_sources)
+  _check_found(specs, params, recorder, allow_empty, nnx_models)
+  layers = Layers(specs, recorder.modules, recorder.unsupported,
+                  recorder.value_sources, recorder.attention,
+                  recorder.with_rule)
+  layers.allow_empty = allow_empty
+  return layers
+
+
+def _unbound_axis_name(error: NameError) -> str | None:
+  """The axis name of JAX's 'unbound axis name: <name>' error, or None."""
+  found = re.search(r'unbound axis name:? ([^\s.]+)', str(error))
+  return found.group(1) if found else None
+
+
+def _eval_shape(fn: Callable[..., Any], *operands,
+                recorder: _tracking.Recorder):
+  """``jax.eval_shape(fn, *operands)``, binding unbound collective axes.
+
+  A collective over an axis name that only ``pmap``/``shard_map`` would bind
+  (``BatchNorm(axis_name='batch')``'s mean) raises ``NameError`` outside of
+  them. Each such name is bound by an enclosing ``jax.vmap`` of size 1 and the
+  trace rerun (``recorder`` emptied first); the leading axes that these add
+  to the outputs are stripped again.
+  """
+  names: list[str] = []
+  while True:
+    traced = fn
+    for name in names:
+      traced = jax.vmap(traced, in_axes=None, axis_size=1, axis_name=name)
+    try:
+      outputs = jax.eval_shape(traced, *operands)
+    except NameError as error:
+      name = _unbound_axis_name(error)
+      if name is None or name in names:
+        raise
+      names.append(name)
+      for field in dataclasses.fields(recorder):
+        setattr(recorder, field.name, field.default_factory())
+      continue
+    if not names:
+      return outputs
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape[len(names):], leaf.dtype),
+        outputs)
+
+
+def _check_found(specs, params, recorder: _tracking.Recorder,
+                 allow_empty: bool, nnx_models) -> None:
+  """Raises when no layer was found but kernels exist; warns on ruleless ones.
+
+  A module that owns a kernel and got no statistic is explained when its rule
+  skipped it on purpose (decoding, ``PassThrough``) or gave a reason
+  (``unsupported``, shown by :func:`summary`); else it has no rule, or was not
+  called in the traced pass.
+  """
+  nnx_modules = {tuple(path): module for model in nnx_models
+                 for path, module in nnx.iter_modules(model)}
+  unexplained = [
+      path for path in _capture.kernel_owners(params)
+      if path not in specs and path not in recorder.skipped
+      and path not in recorder.unsupported]
+  if not specs:
+    if unexplained and not allow_empty:
+      types = dict(recorder.modules)
+      for path, module in nnx_modules.items():
+        if _rules.rule_of(module) is None and path not in recorder.layers:
+          types[path] = type(module).__name__
+      raise _capture.no_statistics_error(
+          'find_layers traced the model', unexplained, types)
+    return
+
+  def has_no_rule(path):
+    if path in nnx_modules:
+      module = nnx_modules[path]
+      return (_rules.rule_of(module) is None
+              and _rules.attention_rule_of(module) is None)
+    return path in recorder.modules and path not in recorder.attention
+
+  ruleless = [path for path in unexplained if has_no_rule(path)]
+  if ruleless:
+    warnings.warn(
+        'find_layers: these modules own a kernel but MAC has no rule for'
+        ' their class, so they train without preconditioning: '
+        + _capture.describe_modules(ruleless, {
+            path: (type(nnx_modules[path]).__name__ if path in nnx_modules
+                   else recorder.modules.get(path, '?'))
+            for path in ruleless})
+        + '. Teach MAC their classes with mac_optax.register_layer.',
+        stacklevel=3)
 
 
 def _trace_with_stats(loss_fn, recorder, args, kwargs):
@@ -319,7 +506,8 @@ def _trace_with_stats(loss_fn, recorder, args, kwargs):
     _, aux = loss_fn.run(recorder, *full, **kwargs)
     return aux[1] if loss_fn.has_aux else aux
 
-  stats = jax.eval_shape(run, {i: state for i, (_, state) in splits.items()})
+  stats = _eval_shape(run, {i: state for i, (_, state) in splits.items()},
+                      recorder=recorder)
   params = None
   if splits:
     models = [args[i] for i in splits]
@@ -340,19 +528,75 @@ def precondition_mask(layers: Layers, params: Any) -> Any:
   """A bool tree like ``params``: True where MAC preconditions the leaf.
 
   Useful as an ``optax.partition``/``optax.masked`` label source, and to check
-  what :func:`find_layers` found.
+  what :func:`find_layers` found. A boxed parameter (``nn.Partitioned``,
+  ``nn.LogicallyPartitioned``, an NNX ``Variable``) gets one bool in place of
+  its box, which ``optax.masked`` accepts as a prefix of the boxed tree.
   """
   def is_preconditioned(keys, _):
     path = tuple(key_name(k) for k in keys)
     return path[:-1] in layers and path[-1] in ('kernel', 'bias')
 
   return jax.tree_util.tree_map_with_path(
-      is_preconditioned, params, is_leaf=is_variable
+      is_preconditioned, params, is_leaf=is_leaf_box
   )
+
+
+# Children that make a module look like attention: separate query/key/value
+# projections, or one fused projection.
+_ATTENTION_CHILDREN = (
+    ('query', 'key', 'value'), ('q_proj', 'k_proj', 'v_proj'),
+    ('q', 'k', 'v'), ('wq', 'wk', 'wv'), ('qkv',), ('c_attn',),
+)
+
+
+def _not_preconditioned(layers: Layers, module_path: Path,
+                        owns_kernel: bool) -> str:
+  """Why the parameters of ``module_path`` are not preconditioned."""
+  owner = _owner(layers, module_path)
+  if owner in layers.unsupported or not owns_kernel:
+    return layers.unsupported.get(owner, layers.modules.get(owner, '?'))
+  module = layers.modules.get(module_path)
+  if module is None:
+    return ('a kernel whose module was not called in the traced forward'
+            ' pass')
+  if module_path in layers.with_rule:
+    return f'{module}, not called in the traced forward pass'
+  return f'unknown layer with a kernel: {module}'
+
+
+def _attention_hints(layers: Layers, kernel_owners: set[Path]) -> list[str]:
+  """Modules that look like attention but were not called as attention."""
+  children: dict[Path, set] = {}
+  for path in kernel_owners:
+    if path:
+      children.setdefault(path[:-1], set()).add(path[-1])
+  hints = []
+  for parent, names in sorted(children.items(), key=lambda i: str(i[0])):
+    if not any(set(group) <= names for group in _ATTENTION_CHILDREN):
+      continue
+    if any(parent[:end] in layers.attention for end in range(len(parent) + 1)):
+      continue
+    module = layers.modules.get(parent, '?')
+    hints.append(
+        f'{path_str(parent)} ({module}) looks like attention; register it'
+        ' with register_attention to get the attention-aware value'
+        ' statistic')
+  return hints
 
 
 def summary(layers: Layers, params: Any) -> str:
   """A table of every parameter and whether (and how) MAC preconditions it.
+
+  Parameters that are not preconditioned say why: the module passes through
+  (with its reason), or it owns a kernel but MAC has no rule for its class
+  (``unknown layer with a kernel: <class>``; teach MAC with
+  :func:`register_layer`). Then come modules that look like attention (children
+  named ``query``/``key``/``value``, ``q_proj``/``k_proj``/``v_proj``,
+  ``q``/``k``/``v``, ``wq``/``wk``/``wv``, ``qkv`` or ``c_attn``, with
+  kernels) but were not called under an attention rule, so that their value
+  projection has the plain statistic (declare them with
+  :func:`register_attention`), and the totals: preconditioned kernels, and the
+  share of all parameters (kernels and biases) that MAC preconditions.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, mac_optax
@@ -368,26 +612,38 @@ def summary(layers: Layers, params: Any) -> str:
     layers_1/scale   (8,)    not preconditioned: LayerNorm
     layers_2/bias    (2,)    preconditioned: dense (Dense), d=9
     layers_2/kernel  (8, 2)  preconditioned: dense (Dense), d=9
+    preconditioned kernels: 2 of 2; parameters covered: 50 of 66 (75.8 %)
   """
+  leaves = [(path, leaf) for path, leaf in leaf_paths(params)
+            if not isinstance(leaf, optax.MaskedNode)]
+  kernel_owners = {path[:-1] for path, _ in leaves if path[-1] == 'kernel'}
   rows = [('parameter', 'shape', 'MAC')]
-  for path, leaf in leaf_paths(params):
-    if isinstance(leaf, optax.MaskedNode):
-      continue
+  kernels = covered_kernels = size = covered_size = 0
+  for path, leaf in leaves:
     module_path, name = path[:-1], path[-1]
     spec = layers.get(module_path)
-    if spec is not None and name in ('kernel', 'bias'):
+    preconditioned = spec is not None and name in ('kernel', 'bias')
+    if preconditioned:
       blocks = f' x{spec.blocks} blocks' if spec.blocks > 1 else ''
       status = f'preconditioned: {spec.kind} ({spec.module}), d={spec.dim}'
       status += blocks
       if module_path in layers.value_sources:
         status += f'; {layers.value_sources[module_path]}'
     else:
-      owner = _owner(layers, module_path)
-      reason = layers.unsupported.get(owner, layers.modules.get(owner, '?'))
+      reason = _not_preconditioned(layers, module_path,
+                                   module_path in kernel_owners)
       status = f'not preconditioned: {reason}'
     rows.append((path_str(path), str(tuple(np.shape(leaf))), status))
+    kernels += name == 'kernel'
+    covered_kernels += preconditioned and name == 'kernel'
+    size += int(np.size(leaf))
+    covered_size += int(np.size(leaf)) if preconditioned else 0
   widths = [max(len(r[i]) for r in rows) for i in range(2)]
-  return '\n'.join(
-      f'{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}'.rstrip()
-      for r in rows
-  )
+  lines = [f'{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}'.rstrip()
+           for r in rows]
+  lines += _attention_hints(layers, kernel_owners)
+  share = 100.0 * covered_size / size if size else 0.0
+  lines.append(
+      f'preconditioned kernels: {covered_kernels} of {kernels}; parameters'
+      f' covered: {covered_size} of {size} ({share:.1f} %)')
+  return '\n'.join(lines)

@@ -3,14 +3,18 @@
 NNX has no method interceptor, so while a capture runs, the ``__call__`` of
 every module class in the model that has a rule (and of the norms that
 attention rules name) is wrapped. The wrapper hands the call to the same
-:class:`~mac_optax._tracking.Tracker` that linen uses; statistics are sown as
-:class:`MacStats` variables and collected with ``nnx.capture``, so they come
-out of NNX transforms such as ``nnx.scan`` stacked like the kernels. Every
-module is tagged with its path first, as a plain attribute that the copies NNX
-transforms make keep.
+:class:`~mac_optax._tracking.Tracker` that linen uses; statistics are stored
+in a :class:`MacStats` variable that each module holds during the capture, so
+they come out of NNX transforms such as ``nnx.scan`` stacked like the
+kernels. That variable is MAC's own, not ``nnx.capture``'s storage, so a
+model's own ``nnx.capture(..., nnx.Intermediate)`` works around or inside a
+MAC capture. Every module is tagged with its path first, as a plain attribute
+that the copies NNX transforms make keep.
 
-The wrapping affects the classes process-wide while a capture runs: do not run
-captures from several Python threads at once.
+A class's ``__call__`` is wrapped once for all threads while any capture
+needs it (counted) and restored after the last; the wrapper hands each call to
+the tracker of the calling thread, or runs the original where that thread
+captures nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Any, Callable, Iterator, Mapping
+import threading
+from typing import Any, Callable, Iterator
 
 from flax import nnx
 
@@ -30,7 +35,23 @@ from mac_optax import _tracking
 Path = _stats.Path
 path_str = _stats.path_str
 _PATH_ATTRIBUTE = '_mac_optax_path'
-_TRACKERS: list[_tracking.Tracker] = []
+_STATS_ATTRIBUTE = '_mac_optax_stats'
+
+
+class _ThreadState(threading.local):
+  """Per thread: current trackers and NNX-in-linen hosts (innermost last)."""
+
+  def __init__(self):
+    super().__init__()
+    self.trackers: list[Any] = []
+    self.hosts: list[tuple[type, Path]] = []
+
+
+_THREAD = _ThreadState()
+_HOOK_LOCK = threading.Lock()
+# Wrapped classes: [how many captures need the wrapper, the class's own
+# __call__ before (None when inherited)].
+_HOOKS: dict[type, list[Any]] = {}
 
 
 class MacStats(nnx.Variable):
@@ -63,11 +84,22 @@ class _Probe:
 
 
 def _record(module, path: Path, entry) -> None:
-  if not module.sow(MacStats, _capture.STAT_NAME, entry):
+  storage = vars(module).get(_STATS_ATTRIBUTE)
+  if not isinstance(storage, MacStats):
     raise ValueError(
         f'NNX layer {path_str(path)} ({type(module).__name__}) was called'
-        ' during a capture but outside nnx.capture.'
+        ' during a capture but is not a module of the captured model as it'
+        ' was when the capture began.'
     )
+  name = _capture.STAT_NAME
+  storage[name] = (storage[name] if name in storage else ()) + (entry,)
+
+
+def kernel_owners(model: nnx.Module) -> list[tuple[Path, str]]:
+  """``(path, class name)`` of the modules of ``model`` that own a kernel."""
+  return [(tuple(path), type(module).__name__)
+          for path, module in nnx.iter_modules(model)
+          if isinstance(vars(module).get('kernel'), nnx.Variable)]
 
 
 def _attention(tracker, module, path, rule, bound, original):
@@ -99,45 +131,82 @@ def _attention(tracker, module, path, rule, bound, original):
   return outputs
 
 
+def _own_call(cls: type, rule) -> Callable[..., Any]:
+  """The ``__call__`` function of the class that ``rule`` was registered for."""
+  function = _tracking.rule_owner(cls, rule).__call__
+  return getattr(function, 'mac_optax_original', function)
+
+
 def _wrapped_call(original: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(original)
   def __call__(self, *args, **kwargs):
-    tracker = _TRACKERS[-1] if _TRACKERS else None
-    if tracker is None:
-      return original(self, *args, **kwargs)
-    path = getattr(self, _PATH_ATTRIBUTE, None)
-    if tracker is _REFUSE or path is None:
-      raise ValueError(
-          f'an NNX {type(self).__name__} was called during a MAC capture but'
-          ' is not part of a captured model: capture the model that owns it'
-          ' (mac_optax.capture(model), or mac_optax.with_stats on a loss'
-          ' function taking the model as a positional argument).'
-      )
-    if tracker.is_active(self):
-      return original(self, *args, **kwargs)
-    bound = _signature(original).bind(self, *args, **kwargs)
-    bound.apply_defaults()
-    attention = _rules.attention_rule_of(self)
-    if attention is not None:
-      return _attention(tracker, self, path, attention, bound, original)
-    run = lambda: original(*bound.args, **bound.kwargs)
-    rule = _rules.rule_of(self)
-    if rule is None:
-      return tracker.other_call(self, path, run)
-    inputs = list(bound.arguments.values())[1]
-    return tracker.layer_call(self, path, rule, bound.arguments, inputs, run)
+    hosts = _THREAD.hosts
+    if hosts and isinstance(self, hosts[-1][0]) and (
+        _PATH_ATTRIBUTE not in vars(self)):
+      return _tagged_call(self, hosts[-1][1],
+                          lambda: _tracked_call(original, self, args, kwargs))
+    return _tracked_call(original, self, args, kwargs)
 
   __call__.mac_optax_original = original
   return __call__
+
+
+def _tagged_call(model, prefix: Path, run: Callable[[], Any]):
+  """Runs a hosted NNX model with its modules tagged by path under prefix."""
+  modules = list(nnx.iter_modules(model))
+  for path, module in modules:
+    object.__setattr__(module, _PATH_ATTRIBUTE, prefix + tuple(path))
+  try:
+    return run()
+  finally:
+    for _, module in modules:
+      if _PATH_ATTRIBUTE in vars(module):
+        object.__delattr__(module, _PATH_ATTRIBUTE)
+
+
+def _tracked_call(original, self, args, kwargs):
+  """One call of a wrapped class: to this thread's tracker, if any."""
+  trackers = _THREAD.trackers
+  tracker = trackers[-1] if trackers else None
+  if tracker is None:
+    return original(self, *args, **kwargs)
+  path = getattr(self, _PATH_ATTRIBUTE, None)
+  if tracker is _REFUSE or path is None:
+    raise ValueError(
+        f'an NNX {type(self).__name__} was called during a MAC capture but'
+        ' is not part of a captured model: capture the model that owns it'
+        ' (mac_optax.capture(model), or mac_optax.with_stats on a loss'
+        ' function taking the model as a positional argument).'
+    )
+  if tracker.is_active(self):
+    return original(self, *args, **kwargs)
+  bound = _signature(original).bind(self, *args, **kwargs)
+  bound.apply_defaults()
+  attention = _rules.attention_rule_of(self)
+  if attention is not None:
+    return _attention(tracker, self, path, attention, bound, original)
+  run = lambda: original(*bound.args, **bound.kwargs)
+  rule = _rules.rule_of(self)
+  if rule is None:
+    return tracker.other_call(self, path, run)
+  inputs = list(bound.arguments.values())[1]
+  # A subclass overriding __call__: its input is not what the kernel
+  # multiplies; the rule class's own __call__ (super()) records then.
+  call = (tracker.layer_call if original is _own_call(type(self), rule)
+          else tracker.override_call)
+  return call(self, path, rule, bound.arguments, inputs, run)
 
 
 def _classes_to_wrap(modules) -> set[type]:
   classes = set()
   by_path = dict(modules)
   for path, module in modules:
-    if _rules.rule_of(module) is not None:
+    layer_rule = _rules.rule_of(module)
+    if layer_rule is not None:
       classes.add(type(module))
+      # Where a subclass overrides __call__, its super().__call__ records.
+      classes.add(_tracking.rule_owner(type(module), layer_rule))
     rule = _rules.attention_rule_of(module)
     if rule is not None:
       classes.add(type(module))
@@ -150,25 +219,51 @@ def _classes_to_wrap(modules) -> set[type]:
 
 
 @contextlib.contextmanager
-def _wrapping(classes, tracker) -> Iterator[None]:
-  """Wraps ``__call__`` of ``classes`` and makes ``tracker`` current."""
-  wrapped = []
-  for cls in classes:
-    current = cls.__call__
-    if not hasattr(current, 'mac_optax_original'):
-      own = cls.__dict__.get('__call__')
-      setattr(cls, '__call__', _wrapped_call(current))
-      wrapped.append((cls, own))
-  _TRACKERS.append(tracker)
+def _hooking(classes) -> Iterator[None]:
+  """Wraps ``__call__`` of ``classes`` (once for all threads) meanwhile.
+
+  Each wrapper calls the class's own (or inherited) original ``__call__``,
+  never another class's wrapper, so classes can be unwrapped in any order.
+  """
+  classes = list(dict.fromkeys(classes))
+  with _HOOK_LOCK:
+    for cls in classes:
+      hook = _HOOKS.get(cls)
+      if hook is None:
+        current = cls.__call__
+        original = getattr(current, 'mac_optax_original', current)
+        hook = _HOOKS[cls] = [0, cls.__dict__.get('__call__')]
+        setattr(cls, '__call__', _wrapped_call(original))
+      hook[0] += 1
   try:
     yield
   finally:
-    _TRACKERS.pop()
-    for cls, own in reversed(wrapped):
-      if own is None:
-        delattr(cls, '__call__')
-      else:
-        setattr(cls, '__call__', own)
+    with _HOOK_LOCK:
+      for cls in reversed(classes):
+        hook = _HOOKS[cls]
+        hook[0] -= 1
+        if not hook[0]:
+          del _HOOKS[cls]
+          if hook[1] is None:
+            delattr(cls, '__call__')
+          else:
+            setattr(cls, '__call__', hook[1])
+
+
+@contextlib.contextmanager
+def _pushed(stack: list[Any], item: Any) -> Iterator[None]:
+  stack.append(item)
+  try:
+    yield
+  finally:
+    stack.pop()
+
+
+@contextlib.contextmanager
+def _wrapping(classes, tracker) -> Iterator[None]:
+  """Wraps ``__call__`` of ``classes``; ``tracker`` serves this thread."""
+  with _hooking(classes), _pushed(_THREAD.trackers, tracker):
+    yield
 
 
 @contextlib.contextmanager
@@ -177,6 +272,9 @@ def tracking(model: nnx.Module, tracker: _tracking.Tracker) -> Iterator[None]:
   modules = list(nnx.iter_modules(model))
   for path, module in modules:
     object.__setattr__(module, _PATH_ATTRIBUTE, tuple(path))
+    # Only classes with a rule are wrapped; the others (norms, user blocks)
+    # are named from the model itself, for summary.
+    tracker.seen(tuple(path), module)
   try:
     with _wrapping(_classes_to_wrap(modules), tracker):
       yield
@@ -203,29 +301,10 @@ def hosted(root_class, prefix: Path, tracker: _tracking.Tracker,
     )
   classes = [cls for cls in _rules.rule_classes()
              if issubclass(cls, nnx.Module)]
-  with _wrapping(classes, tracker), tracker.recording_to(record):
-    inner_call = root_class.__call__
-    own = root_class.__dict__.get('__call__')
-
-    @functools.wraps(inner_call)
-    def tagging_call(self, *args, **kwargs):
-      modules = list(nnx.iter_modules(self))
-      for path, module in modules:
-        object.__setattr__(module, _PATH_ATTRIBUTE, prefix + tuple(path))
-      try:
-        return inner_call(self, *args, **kwargs)
-      finally:
-        for _, module in modules:
-          object.__delattr__(module, _PATH_ATTRIBUTE)
-
-    root_class.__call__ = tagging_call
-    try:
-      yield
-    finally:
-      if own is None:
-        delattr(root_class, '__call__')
-      else:
-        root_class.__call__ = own
+  with _wrapping(classes + [root_class], tracker), (
+      tracker.recording_to(record)), (
+          _pushed(_THREAD.hosts, (root_class, prefix))):
+    yield
 
 
 class _Refuse:
@@ -250,22 +329,46 @@ def capture_call(model: nnx.Module, fn: Callable[[], Any],
     ``(fn(), mac_stats)``.
   """
   tracker = _tracking.Tracker(options, _record, recorder)
-  with tracking(model, tracker):
-    outputs, captured = nnx.capture(lambda _: fn(), MacStats)(model)
-  per_path: dict[Path, list] = {}
-  _collect(captured, (), per_path)
+  with tracking(model, tracker), _storing(model) as collect:
+    outputs = fn()
+    per_path = collect()
   stats = _stats.nest({path: _stats.merge_layer(entries)
                          for path, entries in per_path.items()})
   return outputs, stats
 
 
-def _collect(state: Any, path: Path, per_path: dict[Path, list]) -> None:
-  for key, value in state.items():
-    if isinstance(value, nnx.Variable):
-      if key == _capture.STAT_NAME:
-        per_path.setdefault(path, []).extend(value.get_value())
-    elif isinstance(value, Mapping):
-      _collect(value, path + (key,), per_path)
+@contextlib.contextmanager
+def _storing(model: nnx.Module):
+  """Gives every module of ``model`` an empty :class:`MacStats` meanwhile.
+
+  Yields a function returning the entries stored so far, by module path. A
+  variable of the module's own (not ``nnx.capture``'s ``__captures__``, which
+  an ``nnx.capture`` around or inside would replace), so NNX transforms carry
+  it like any other state. What was there before (a capture of the same model
+  around this one) is put back.
+  """
+  modules = list(nnx.iter_modules(model))
+  before = [vars(module).get(_STATS_ATTRIBUTE) for _, module in modules]
+  for _, module in modules:
+    setattr(module, _STATS_ATTRIBUTE, MacStats({}))
+
+  def collect() -> dict[Path, list]:
+    per_path: dict[Path, list] = {}
+    for path, module in modules:
+      storage = vars(module).get(_STATS_ATTRIBUTE)
+      if isinstance(storage, MacStats) and _capture.STAT_NAME in storage:
+        per_path[tuple(path)] = list(storage[_capture.STAT_NAME])
+    return per_path
+
+  try:
+    yield collect
+  finally:
+    for (_, module), previous in zip(modules, before):
+      if previous is None:
+        if _STATS_ATTRIBUTE in vars(module):
+          delattr(module, _STATS_ATTRIBUTE)
+      else:
+        setattr(module, _STATS_ATTRIBUTE, previous)
 
 
 class NNXCapture:
@@ -275,8 +378,9 @@ class NNXCapture:
   """
 
   def __init__(self, target, *, attention_aware=True, value_stat='reference',
-               depthwise_shared=True):
+               depthwise_shared=True, allow_empty=False):
     self.target = target
+    self.allow_empty = allow_empty
     self.options = _rules.Options(attention_aware, value_stat,
                                   depthwise_shared)
     if value_stat not in _tracking.VALUE_STATS:
@@ -300,10 +404,18 @@ class NNXCapture:
   def _options_dict(self):
     return dict(attention_aware=self.options.attention_aware,
                 value_stat=self.options.value_stat,
-                depthwise_shared=self.options.depthwise_shared)
+                depthwise_shared=self.options.depthwise_shared,
+                allow_empty=self.allow_empty)
 
   def __call__(self, *args, **kwargs):
-    return self.run(None, *args, **kwargs)
+    outputs, stats = self.run(None, *args, **kwargs)
+    if not stats and not self.allow_empty:
+      owners = kernel_owners(self.model)
+      if owners:
+        raise _capture.no_statistics_error(
+            f'capture({type(self.model).__name__}) ran the model',
+            [p for p, _ in owners], dict(owners))
+    return outputs, stats
 
   def run(self, recorder, *args, **kwargs):
     """Calls the model; ``recorder`` (or None) collects layer facts."""

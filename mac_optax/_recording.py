@@ -24,7 +24,6 @@ from mac_optax import _stats
 from mac_optax import _tracking
 
 _ORIGINAL_APPLY = _capture.ORIGINAL_APPLY
-_ACTIVE: list['Recording'] = []
 
 
 @dataclasses.dataclass
@@ -36,6 +35,27 @@ class Recording:
   parts: list[Any] = dataclasses.field(default_factory=list)
   applies: int = 0
   depth: int = 0
+  # The JAX trace the block was entered in: statistics made in another one
+  # (an apply inside jax.jit / jax.vmap within the block) cannot leave it.
+  trace: Any = None
+  # Every module called in the block, by type name.
+  module_types: dict[tuple, str] = dataclasses.field(default_factory=dict)
+  # Layers deliberately not recorded (decoding, PassThrough rules).
+  skipped: set[tuple] = dataclasses.field(default_factory=set)
+  # Modules owning kernels in applies that recorded no statistic.
+  kernel_owners: list[tuple] = dataclasses.field(default_factory=list)
+
+  def describe_empty(self) -> str:
+    """Why nothing was recorded, for error messages."""
+    if not self.applies:
+      return 'no Module.apply was called inside the block'
+    message = (f'{self.applies} Module.apply call(s) ran, but no layer of'
+               ' theirs has a rule MAC knows')
+    if self.kernel_owners:
+      message += (
+          '; modules owning a kernel: '
+          + _capture.describe_modules(self.kernel_owners, self.module_types))
+    return message
 
   @property
   def stats(self) -> Any:
@@ -47,15 +67,13 @@ class Recording:
     if not self.parts:
       raise ValueError(
           'mac_optax.recording() recorded no statistics: '
-          + ('no Module.apply was called inside the `with` block.'
-             if not self.applies else
-             f'{self.applies} Module.apply call(s) ran no layer that MAC'
-             ' knows (see mac_optax.register_layer).')
-      )
-    return _merge_disjoint(self.parts)
+          + self.describe_empty() + '.'
+          + (' Teach MAC their layer classes with mac_optax.register_layer.'
+             if self.applies else ''))
+    return merge_disjoint(self.parts)
 
 
-def _merge_disjoint(trees: list[Any]) -> Any:
+def merge_disjoint(trees: list[Any]) -> Any:
   """Merges trees; a layer seen in several (a model called twice) merges."""
   flat: dict[tuple, list] = {}
   for tree in trees:
@@ -65,20 +83,36 @@ def _merge_disjoint(trees: list[Any]) -> Any:
                         for path, nodes in flat.items()})
 
 
-def _recording_apply(self, variables, *args, mutable=False, **kwargs):
+def _recording_apply(record: Recording, module, variables, *args, **kwargs):
   """``nn.Module.apply`` while a recording is active: capture, then record."""
-  record = _ACTIVE[-1]
+  if _capture.current_trace() != record.trace:
+    raise ValueError(
+        f'{type(module).__name__}.apply was called inside a JAX'
+        ' transformation (jax.jit, jax.vmap, jax.checkpoint, ...) that runs'
+        ' inside the capture, so its statistics cannot leave that'
+        ' transformation. Capture inside it instead (mac_optax.capture'
+        ' around the function it transforms, returning the statistics), or'
+        ' call the function untransformed. A jax.jit given to'
+        ' mac_optax.capture directly is unwrapped.'
+    )
   capture = _capture.Capture(
-      functools.partial(_ORIGINAL_APPLY, self), **record.options)
+      functools.partial(_ORIGINAL_APPLY, module), **record.options)
   record.depth += 1
   try:
-    result, stats = capture.apply_with_recorder(
-        record.recorder, variables, *args, mutable=mutable, **kwargs)
+    result, stats, seen = capture.run(
+        record.recorder, variables, *args, **kwargs)
   finally:
     record.depth -= 1
   record.applies += 1
+  for path, name in seen.module_types.items():
+    record.module_types.setdefault(path, name)
+  record.skipped.update(seen.skipped)
   if stats:
     record.parts.append(stats)
+  else:
+    record.kernel_owners.extend(
+        path for path in _capture.kernel_owners(_capture.params_of(variables))
+        if path not in seen.skipped)
   return result
 
 
@@ -96,9 +130,11 @@ class _Guard:
              or _rules.attention_rule_of(module) is not None)):
       raise ValueError(
           f'layer {_stats.path_str(tuple(module.path))}'
-          f' ({type(module).__name__}) was called outside Module.apply inside'
-          ' mac_optax.recording() (a bound module?), so its statistics cannot'
-          ' be recorded: use mac_optax.capture(model.apply) there.'
+          f' ({type(module).__name__}) was called outside Module.apply as'
+          ' MAC sees it (a bound module, or a `model.apply` looked up before'
+          ' the capture began and kept, e.g. by functools.partial or'
+          ' jax.jit), so its statistics cannot be recorded: call'
+          ' model.apply itself, or capture(model.apply) there.'
       )
     return next_fun(*args, **kwargs)
 
@@ -123,8 +159,13 @@ def recording(
   NNX models called inside the block raise: decorate the loss function with
   :func:`with_stats` for them.
 
-  While active, ``flax.linen.Module.apply`` is replaced process-wide: do not
-  trace in several Python threads at once.
+  Each thread records its own calls: while any block is active,
+  ``flax.linen.Module.apply`` is a dispatcher that hands the calls of a
+  recording thread to its block and those of other threads to the original,
+  which is restored when the last block ends. ``model.apply`` must be looked
+  up inside the block (a bound method kept from before bypasses it and
+  raises), and not run inside a JAX transformation entered within the block
+  (its statistics could not leave it; it raises).
 
   Args:
     attention_aware: as for :func:`~mac_optax.capture`.
@@ -162,16 +203,18 @@ def _recording(options, recorder) -> Iterator[Recording]:
         f'value_stat must be one of {_tracking.VALUE_STATS}, got'
         f' {options["value_stat"]!r}.'
     )
-  record = Recording(options, recorder)
-  _ACTIVE.append(record)
-  nn.Module.apply = functools.wraps(_ORIGINAL_APPLY)(_recording_apply)
-  try:
-    with _nnx.refusing(), nn.intercept_methods(_Guard(record)):
-      yield record
-  finally:
-    _ACTIVE.pop()
-    if not _ACTIVE:
-      nn.Module.apply = _ORIGINAL_APPLY
+  with recording_applies(options, recorder) as record:
+    yield record
+
+
+@contextlib.contextmanager
+def recording_applies(options, recorder) -> Iterator[Recording]:
+  """Captures the ``Module.apply`` calls of this thread into a Recording."""
+  record = Recording(options, recorder, trace=_capture.current_trace())
+  with _capture.handling_applies(
+      functools.partial(_recording_apply, record)), _nnx.refusing(), (
+          nn.intercept_methods(_Guard(record))):
+    yield record
 
 
 def with_stats(
@@ -251,17 +294,36 @@ class WithStats:
       result = call()
       parts = record.parts + nnx_parts
     if not parts:
-      raise ValueError(
-          f'{getattr(self.loss_fn, "__name__", "the loss function")} called'
-          ' no model whose statistics MAC can record: pass NNX models as'
-          ' positional arguments, and call linen models through'
-          ' Module.apply.'
-      )
-    stats = _merge_disjoint(parts)
+      raise ValueError(self._nothing_recorded(record, models))
+    stats = merge_disjoint(parts)
     if self.has_aux:
       loss, aux = result
       return loss, (aux, stats)
     return result, stats
+
+  def _nothing_recorded(self, record: Recording, models) -> str:
+    """The error message when no statistic was recorded: what happened."""
+    name = getattr(self.loss_fn, '__name__', 'the loss function')
+    if not record.applies and not models:
+      return (
+          f'{name} called no model whose statistics MAC can record: it'
+          ' called no linen Module.apply (looked up while it runs) and got no'
+          ' NNX model as a positional argument.')
+    told = []
+    if record.applies:
+      told.append(f'{name} called linen models through Module.apply: '
+                  + record.describe_empty())
+    if models:
+      owners = [owner for model in models
+                for owner in _nnx.kernel_owners(model)]
+      told.append(
+          f'{name} got {len(models)} NNX model(s), but no layer of theirs'
+          ' with a rule MAC knows ran'
+          + ('; modules owning a kernel: ' + ', '.join(
+              f'{_stats.path_str(p)} ({t})'
+              for p, t in owners) if owners else ''))
+    return ('; '.join(told) + '. Teach MAC the layer classes with'
+            ' mac_optax.register_layer (or register_attention).')
 
 
 def _nnx_capturing(model, call, options, parts, recorder):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import flax.linen as nn
 from flax import nnx
@@ -26,6 +26,7 @@ import numpy as np
 import opt_einsum
 
 from mac_optax import _conv
+from mac_optax import _sharding
 
 Arguments = Mapping[str, Any]
 
@@ -41,6 +42,16 @@ class LayerCall:
     in_shape: the kernel axes contracted with the input.
     blocks: output blocks with a statistic each (groups, heads, q/k/v).
     has_bias: whether the bias is preconditioned jointly.
+    kernel_axes: where the kernel stores its contracted input axes and then
+      its output axes, when not in that order: positions among the kernel
+      axes after its leading stacked axes (negative ones count from the end).
+      Listed positions come first, in the order given, and unlisted axes
+      follow in stored order; None when the kernel already is ``in + out``.
+      A kernel stored ``(out, in)`` gives ``(-1,)``.
+    output_axes: the permutation of the module's output that puts the rows
+      first and the output features last, in the order of the kernel's
+      (canonical) output axes; None when the output already is laid out so.
+      Attention rules read query/key/value heads through it.
   """
 
   kind: str
@@ -48,6 +59,8 @@ class LayerCall:
   in_shape: tuple[int, ...]
   blocks: int
   has_bias: bool
+  kernel_axes: tuple[int, ...] | None = None
+  output_axes: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +77,36 @@ class Statistic:
   call: LayerCall
 
 
+class LayerRule(Protocol):
+  """How MAC reads one layer class: what :func:`register_layer` takes.
+
+  The built-in rules (:class:`DenseRule`, :class:`ConvRule`,
+  :class:`ConvTransposeRule`, :class:`ConvLocalRule`, :class:`EinsumRule`)
+  follow it, as may any object with this ``read`` method.
+  """
+
+  def read(self, module: Any, arguments: Arguments, inputs: jax.Array,
+           options: Any) -> Statistic | str:
+    """Reads one call of ``module``.
+
+    Args:
+      module: the called module (linen: bound, so its fields are set).
+      arguments: the call's arguments by parameter name (defaults applied).
+      inputs: the call's first positional argument, the layer input.
+      options: the capture options (``attention_aware``, ``value_stat``,
+        ``depthwise_shared``).
+
+    Returns:
+      The call's :class:`Statistic`: the mean of the rows the kernel
+      multiplies, ``(*per_slice, blocks, d_in)`` in float32, laid out like
+      the kernel's input axes, with the row count and the
+      :class:`LayerCall` geometry. Or a string: the reason this call cannot
+      be preconditioned (the layer then gets momentum only and
+      :func:`summary` shows the reason).
+    """
+    ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Capture options that rules consult."""
@@ -77,13 +120,15 @@ def _moved_mean(inputs, contracted, sliced=()):
   """Mean over all axes but ``sliced`` and ``contracted`` (flattened last).
 
   The mean is taken before anything is reshaped, so that a batch axis that
-  is sharded (explicit mesh axes) is reduced, not reshaped.
+  is sharded (explicit mesh axes) is reduced, not reshaped; the small mean is
+  then replicated, whichever axes of the input were sharded.
   """
   ndim = inputs.ndim
   rest = tuple(a for a in range(ndim)
                if a not in contracted and a not in sliced)
   rows = math.prod(inputs.shape[a] for a in rest)
   mean = jnp.mean(inputs, axis=rest, dtype=jnp.float32)
+  mean = _sharding.replicated(mean)
   kept = [a for a in range(ndim) if a not in rest]
   mean = jnp.transpose(
       mean, [kept.index(a) for a in tuple(sliced) + tuple(contracted)])
@@ -97,20 +142,56 @@ def _normalize_axes(axes, ndim) -> tuple[int, ...]:
   return tuple(sorted(int(a) % ndim for a in np.atleast_1d(axes)))
 
 
+KERNEL_LAYOUTS = ('in_out', 'out_in')
+
+
 @dataclasses.dataclass(frozen=True)
 class DenseRule:
   """Dense layers: mean input row over all non-contracted axes.
 
   Attributes:
-    axes: the module's contracted input axes.
-    has_bias: whether the module adds a bias.
-    batch_axes: input axes with separate weights per index (they lead the
-      kernel), or none.
+    axes: a callable ``module -> axes``: the module's contracted input axes.
+    has_bias: a callable ``module -> bool``: whether the module adds a bias.
+    batch_axes: a callable ``module -> axes``: input axes with separate
+      weights per index (they lead the kernel), or none.
+    kernel_layout: ``'in_out'`` when the kernel is stored ``(*batch, *in,
+      *out)`` (Flax's ``Dense``), ``'out_in'`` when it is stored ``(*batch,
+      *out, *in)`` (a transposed kernel such as Hugging Face's
+      ``FlaxConv1D``, whose kernel is ``(features, in_features)``).
+
+  Examples:
+    A dense layer that stores its kernel transposed:
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, mac_optax
+    >>> class TransposedDense(nn.Module):
+    ...   features: int
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     kernel = self.param('kernel', nn.initializers.lecun_normal(),
+    ...                         (self.features, x.shape[-1]))
+    ...     return x @ kernel.T
+    >>> mac_optax.register_layer(TransposedDense, mac_optax.DenseRule(
+    ...     axes=lambda module: -1, has_bias=lambda module: False,
+    ...     kernel_layout='out_in'))
+    >>> x = jnp.ones((4, 3))
+    >>> model = TransposedDense(2)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> spec = mac_optax.find_layers(model.apply, variables, x)[()]
+    >>> spec.kernel_shape, spec.in_shape, spec.out_shape
+    ((2, 3), (3,), (2,))
   """
 
   axes: Callable[[Any], Any]
   has_bias: Callable[[Any], bool]
   batch_axes: Callable[[Any], Any] = lambda module: ()
+  kernel_layout: str = 'in_out'
+
+  def __post_init__(self):
+    if self.kernel_layout not in KERNEL_LAYOUTS:
+      raise ValueError(
+          f'kernel_layout must be one of {KERNEL_LAYOUTS}, got'
+          f' {self.kernel_layout!r}.'
+      )
 
   def read(self, module, arguments: Arguments, inputs, options) -> Statistic:
     del arguments, options
@@ -118,8 +199,11 @@ class DenseRule:
     batch = tuple(self.batch_axes(module))
     batch = _normalize_axes(batch, inputs.ndim) if batch else ()
     mean, rows, in_shape = _moved_mean(inputs, axes, batch)
+    # 'out_in': the input axes are the kernel's last ones, in input order.
+    kernel_axes = (tuple(range(-len(axes), 0))
+                   if self.kernel_layout == 'out_in' else None)
     call = LayerCall('dense', type(module).__name__, in_shape, 1,
-                     self.has_bias(module))
+                     self.has_bias(module), kernel_axes)
     return Statistic(mean, rows, call)
 
   def rows(self, module, inputs) -> jax.Array:
@@ -134,10 +218,23 @@ class DenseRule:
 class EinsumRule:
   """``Einsum`` layers whose equation is a plain contraction.
 
-  The kernel's axes must be the contracted input axes followed by output
-  axes, and the bias (if any) must cover exactly the kernel's output axes.
-  Kernel axes that also index the input and the output (per-expert weights of
-  a mixture of experts) are not a plain contraction and pass through.
+  Every kernel axis is either contracted with the input or an output axis,
+  in any order: ``'btd,dnh->btnh'``, Gemma's ``'BTD,NDH->BTNH'``, or
+  ``'BTD,SNDH->SBTNH'``, whose fused query/key/value axis ``S`` indexes the
+  kernel and the output. The statistic is the mean input over the contracted
+  axes, flattened in the kernel's own order of those axes. The output
+  features keep the kernel's order of its output axes, or the output's
+  order when there is a bias, which must cover exactly the output axes in
+  the output's order. Kernel axes that also index the input and the output
+  (per-expert weights of a mixture of experts) are not a plain contraction
+  and pass through.
+
+  Attributes:
+    equation: a callable ``(module, arguments) -> str``, the equation of the
+      call.
+    kernel_shape: a callable ``module -> shape``, the kernel as stored.
+    bias_shape: a callable ``(module, kernel_letters, output_letters,
+      kernel_shape) -> shape or None`` (None without a bias).
   """
 
   equation: Callable[[Any, Arguments], str]
@@ -157,26 +254,32 @@ class EinsumRule:
     if shared:
       return (f'einsum {equation!r}: kernel axes {"".join(shared)} also index'
               ' the input and the output (batched or per-expert weights)')
-    contracted = [c for c in rhs if c in lhs]
     if any(c not in lhs and c not in output for c in rhs) or any(
         c not in rhs and c not in output for c in lhs):
       return f'einsum {equation!r} sums an axis of one operand alone'
-    if list(rhs[: len(contracted)]) != contracted:
-      return (f'einsum {equation!r}: the kernel axes are not the contracted'
-              ' input axes followed by the output axes')
-    out_letters = rhs[len(contracted):]
+    contracted = [c for c in rhs if c in lhs]
     bias_shape = self.bias_shape(module, rhs, output, kernel_shape)
     has_bias = bias_shape is not None
-    expected_bias = tuple(kernel_shape[len(contracted):])
-    if has_bias and (
-        tuple(bias_shape) != expected_bias
-        or [c for c in output if c in rhs] != list(out_letters)
-    ):
+    # The bias is laid out like the output, so with one the output features
+    # follow the output's order; without, the kernel's (no transpose).
+    out_letters = [c for c in (output if has_bias else rhs) if c in output
+                   and c in rhs]
+    expected_bias = tuple(kernel_shape[rhs.index(c)] for c in out_letters)
+    if has_bias and tuple(bias_shape) != expected_bias:
       return (f'einsum {equation!r}: the bias of shape {tuple(bias_shape)}'
-              ' does not cover the kernel output axes in order')
+              f' does not cover the kernel output axes {"".join(out_letters)}'
+              f' in output order (shape {expected_bias})')
+    kernel_axes = tuple(rhs.index(c) for c in contracted + out_letters)
+    row_letters = [c for c in output if c not in rhs]
+    output_axes = tuple(output.index(c) for c in row_letters + out_letters)
+    identity = lambda axes: axes == tuple(range(len(axes)))
     axes = [lhs.index(c) for c in contracted]
     mean, rows, in_shape = _moved_mean(inputs, axes)
-    call = LayerCall('einsum', type(module).__name__, in_shape, 1, has_bias)
+    call = LayerCall(
+        'einsum', type(module).__name__, in_shape, 1, has_bias,
+        None if identity(kernel_axes) else kernel_axes,
+        None if identity(output_axes) else output_axes,
+    )
     return Statistic(mean, rows, call)
 
 
@@ -278,13 +381,25 @@ class AttentionRule:
     qkv: child name of a fused projection producing query, key and value
       (instead of ``query``/``key``/``value``).
     qkv_layout: output-feature layout of the fused projection: ``'qkv'`` for
-      ``(3, heads, head_dim)`` (timm, nanoGPT, Hugging Face GPT-2) or
-      ``'heads'`` for ``(heads, 3, head_dim)`` (interleaved per head).
+      ``(3, heads, head_dim)`` (timm, nanoGPT, Hugging Face GPT-2, Gemma's
+      ``'BTD,SNDH->SBTNH'`` einsum) or ``'heads'`` for ``(heads, 3,
+      head_dim)`` (interleaved per head).
+    kv: child name of a fused projection producing key and value, output
+      features ``(2, kv_heads, head_dim)``: key block, then value block
+      (Gemma's ``'BSD,CKDH->CBSKH'`` einsum), with ``query`` apart. A rule
+      may name ``qkv`` and ``kv`` (and ``query``) together for a class whose
+      instances use either; only the children a call uses count.
     num_heads: heads, or a callable of the module; needed when the
       projections are not head-shaped (plain ``Dense``).
+    num_kv_heads: key/value heads (grouped-query attention), or a callable
+      of the module; needed only when a fused ``kv`` projection is not
+      head-shaped. Each key/value head serves consecutive query heads.
     mask: a callable ``(module, arguments) -> bool mask or None``
       broadcastable to ``(batch, heads, queries, keys)`` (True = attend), or
-      the name of the call argument holding it.
+      the name of the call argument holding it. A named argument of shape
+      ``(batch, keys)`` is a key-padding mask (Hugging Face's
+      ``attention_mask``: nonzero = token, padding otherwise); of any other
+      shape it must broadcast to ``(batch, heads, queries, keys)``.
     causal: a bool, or a callable ``(module, arguments) -> bool``: the module
       also applies a causal mask.
     query_norm: child applied to the query projection before the logits.
@@ -293,9 +408,17 @@ class AttentionRule:
       queries, keys)`` probabilities the module exposes (e.g. read from a sown
       variable); None recomputes ``softmax(q kᵀ · scale)`` under the mask from
       the projections.
-    scale: logit scale; None for ``1/sqrt(head_dim)``.
+    scale: logit scale (a float, or a callable of the module); None for
+      ``1/sqrt(head_dim)``.
     skip: a callable ``(module, arguments) -> bool``: calls to ignore (e.g.
       autoregressive decoding).
+    rope: for recomputed probabilities, a callable ``(module, arguments,
+      x) -> x`` the module applies to its query and key heads ``(batch,
+      length, heads, head_dim)`` after any norm and before the logits, such
+      as rotary position embeddings.
+    logit_soft_cap: for recomputed probabilities, the cap ``c`` of logits
+      soft-capped as ``c * tanh(logits / c)`` before the mask (Gemma); a
+      float, a callable of the module, or None for none.
   """
 
   query: Any = 'query'
@@ -309,20 +432,25 @@ class AttentionRule:
   query_norm: Any = None
   key_norm: Any = None
   probabilities: Callable[..., Any] | None = None
-  scale: float | None = None
+  scale: Any = None
   skip: Callable[[Any, Arguments], bool] | None = None
+  kv: Any = None
+  num_kv_heads: Any = None
+  rope: Callable[[Any, Arguments, Any], Any] | None = None
+  logit_soft_cap: Any = None
 
   def __post_init__(self):
     if self.qkv_layout not in ('qkv', 'heads'):
       raise ValueError(
           f"qkv_layout must be 'qkv' or 'heads', got {self.qkv_layout!r}."
       )
-    if self.qkv is None and self.value is None:
-      raise ValueError('an attention rule needs `value` or `qkv`.')
+    if self.qkv is None and self.value is None and self.kv is None:
+      raise ValueError('an attention rule needs `value`, `qkv` or `kv`.')
 
   def role_of(self, relative: tuple[Any, ...]) -> str | None:
     """Which projection a child (path relative to the module) is."""
-    for role in ('query', 'key', 'value', 'qkv', 'query_norm', 'key_norm'):
+    for role in ('query', 'key', 'value', 'qkv', 'kv', 'query_norm',
+                 'key_norm'):
       name = getattr(self, role)
       if name is not None and as_path(name) == relative:
         return role
@@ -335,6 +463,20 @@ class AttentionRule:
       return int(self.num_heads(module))
     return int(self.num_heads)
 
+  def kv_heads(self, module) -> int | None:
+    if self.num_kv_heads is None:
+      return None
+    if callable(self.num_kv_heads):
+      return int(self.num_kv_heads(module))
+    return int(self.num_kv_heads)
+
+  def scale_of(self, module) -> float | None:
+    return self.scale(module) if callable(self.scale) else self.scale
+
+  def soft_cap_of(self, module) -> float | None:
+    cap = self.logit_soft_cap
+    return cap(module) if callable(cap) else cap
+
   def mask_of(self, module, arguments: Arguments):
     if self.mask is None:
       mask = None
@@ -342,6 +484,10 @@ class AttentionRule:
       mask = self.mask(module, arguments)
     else:
       mask = arguments.get(self.mask)
+      if mask is not None and jnp.ndim(mask) == 2:
+        # (batch, keys): a padding mask over the keys, the same for every
+        # head and query (as Hugging Face models expand it).
+        mask = jnp.asarray(mask)[:, None, None, :] > 0
     causal = self.causal(module, arguments) if callable(self.causal) else (
         self.causal)
     return mask, bool(causal)
@@ -359,11 +505,26 @@ _ATTENTION_RULES: dict[type, AttentionRule] = {}
 def register_layer(module_class: type, rule: Any) -> None:
   """Registers how MAC reads a layer class (and its subclasses).
 
+  The kernel of such a layer is its ``'kernel'`` parameter (and the bias its
+  ``'bias'``). Built-in rules cover most layers: :class:`DenseRule` (with
+  ``kernel_layout='out_in'`` for a kernel stored transposed),
+  :class:`EinsumRule` (kernel axes in any order), :class:`ConvRule`,
+  :class:`ConvTransposeRule`, :class:`ConvLocalRule`; any object with the
+  :class:`LayerRule` ``read`` method works too.
+
   Args:
     module_class: a Flax linen or NNX module class.
-    rule: a rule such as the one of a built-in class
+    rule: a :class:`LayerRule`, such as a built-in class's
       (``mac_optax.rule_of(nn.Dense)``), or ``PassThrough(reason)``.
   """
+  if not isinstance(rule, PassThrough) and not callable(
+      getattr(rule, 'read', None)):
+    raise TypeError(
+        f'register_layer({module_class.__name__}, ...): the rule must have a'
+        ' read(module, arguments, inputs, options) method (see'
+        f' mac_optax.LayerRule) or be a PassThrough; got'
+        f' {type(rule).__name__}.'
+    )
   _LAYER_RULES[module_class] = rule
 
 
@@ -423,6 +584,9 @@ def register_attention(module_class: type, rule: AttentionRule | None = None,
 
 
 def _lookup(table: Mapping[type, Any], cls: type):
+  # Hugging Face transformers' Flax models get their rules once imported.
+  from mac_optax import _transformers  # pylint: disable=g-import-not-at-top
+  _transformers.register_imported()
   for base in cls.__mro__:
     if base in table:
       return table[base]
@@ -469,6 +633,13 @@ def _decode_call(module, arguments) -> bool:
   return bool(module.decode if decode is None else decode)
 
 
+def _flax_mask(module, arguments):
+  # Flax broadcasts its `mask` argument as given, so a 2-D mask is
+  # (queries, keys) there, not the key-padding mask of the name form.
+  del module
+  return arguments.get('mask')
+
+
 register_layer(nn.Dense, DenseRule(lambda m: -1, _linen_bias))
 register_layer(
     nn.DenseGeneral,
@@ -511,12 +682,14 @@ register_attention(
     nn.MultiHeadDotProductAttention,
     query_norm='query_ln',
     key_norm='key_ln',
+    mask=_flax_mask,
     skip=lambda module, arguments: bool(module.decode),
 )
 register_attention(
     nnx.MultiHeadAttention,
     query_norm='query_ln',
     key_norm='key_ln',
+    mask=_flax_mask,
     causal=lambda module, arguments: bool(arguments.get('is_causal')),
     skip=_decode_call,
 )

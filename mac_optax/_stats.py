@@ -248,3 +248,21 @@ def mean_inputs(stats: Any) -> dict[Path, jax.Array]:
 
   map_layers(collect, stats)
   return flat
+
+
+def row_counts(stats: Any) -> dict[Path, list[jax.Array]]:
+  """Module path -> the counts behind each layer's statistic.
+
+  These are the ``rows``, ``query_rows`` and ``examples`` fields a layer node
+  carries (none for a hand-made node with only ``mean_input``). A count of 0
+  means that the statistic saw no rows: an empty batch, or attention whose
+  every query is masked, whose value statistic is then all zeros.
+  """
+  flat = {}
+
+  def collect(path, node):
+    flat[path] = [node[c] for c in _COUNTS if c in node]
+    return node
+
+  map_layers(collect, stats)
+  return flat

@@ -4,16 +4,18 @@ A :class:`Tracker` is told about every call of a module that has a rule (by
 linen's method interceptor or by NNX's wrapped ``__call__``). A layer call
 gives its statistic at once. An attention call opens a frame: while it runs,
 the frame keeps the outputs of the query and key projections and defers the
-value (or fused query/key/value) projection; when it returns, the value
-projection gets the attention-weighted statistic, from the module's own
-probabilities when the framework can hand them over, else recomputed from the
-kept projections under the module's mask.
+value (or fused query/key/value, or key/value) projection; when it returns,
+the value projection gets the attention-weighted statistic, from the module's
+own probabilities when the framework or the module
+(:func:`provide_attention_probabilities`) hands them over, else recomputed
+from the kept projections under the module's mask.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Any, Callable
 
 import jax
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mac_optax import _rules
+from mac_optax import _sharding
 from mac_optax import _stats
 
 Path = _stats.Path
@@ -36,6 +39,12 @@ class Recorder:
   modules: dict[Path, str] = dataclasses.field(default_factory=dict)
   unsupported: dict[Path, str] = dataclasses.field(default_factory=dict)
   value_sources: dict[Path, str] = dataclasses.field(default_factory=dict)
+  # Modules called under an attention rule (summary hints at the others).
+  attention: set[Path] = dataclasses.field(default_factory=set)
+  # Layers their rule skipped on purpose (decoding, PassThrough).
+  skipped: set[Path] = dataclasses.field(default_factory=set)
+  # Modules whose class has a layer or attention rule.
+  with_rule: set[Path] = dataclasses.field(default_factory=set)
 
   def layer(self, path: Path, call: _rules.LayerCall) -> None:
     previous = self.layers.setdefault(path, call)
@@ -65,7 +74,46 @@ class _Frame:
   probabilities: jax.Array | None = None
 
 
+_THREAD = threading.local()
+
+
+def _open_frames() -> list[_Frame]:
+  """This thread's attention calls being captured, innermost last."""
+  if not hasattr(_THREAD, 'frames'):
+    _THREAD.frames = []
+  return _THREAD.frames
+
+
+def provide_attention_probabilities(module, probabilities):
+  r"""Hands an attention module's own probabilities to MAC; returns them.
+
+  Call it inside the ``__call__`` of an attention module declared with
+  :func:`register_attention`, on the probabilities it applies to the values,
+  laid out ``(batch, heads, queries, keys)``. While MAC captures statistics,
+  the value statistic :math:`v = \sum_j \bar p_j \bar x_j` then uses exactly
+  these probabilities (with whatever the module did to its logits: rotary
+  embeddings, soft-capping, biases) instead of recomputing them; at any other
+  time it does nothing. Works for linen and NNX modules, and unlike a sown
+  variable needs no collection to be made mutable or captured.
+
+  Args:
+    module: the attention module (``self``).
+    probabilities: its attention probabilities, ``(batch, heads, queries,
+      keys)``.
+
+  Returns:
+    ``probabilities``, unchanged.
+  """
+  for frame in reversed(_open_frames()):
+    if frame.module is module:
+      frame.probabilities = probabilities
+      break
+  return probabilities
+
+
 def _with_bias(stat: jax.Array, has_bias: bool) -> jax.Array:
+  # Replicated first: the ones below are, and concatenate needs one sharding.
+  stat = _sharding.replicated(stat)
   if not has_bias:
     return stat
   ones = jnp.ones(stat.shape[:-1] + (1,), stat.dtype)
@@ -74,6 +122,19 @@ def _with_bias(stat: jax.Array, has_bias: bool) -> jax.Array:
 
 def _squeeze_blocks(stat: jax.Array, blocks: int) -> jax.Array:
   return stat[..., 0, :] if blocks == 1 else stat
+
+
+def rule_owner(cls: type, rule) -> type:
+  """The class in ``cls``'s hierarchy that ``rule`` was registered for.
+
+  The most basic class whose rule is ``rule``: subclasses inherit it, and the
+  rule reads the arguments of that class's own ``__call__``.
+  """
+  owner = cls
+  for base in cls.__mro__:
+    if _rules.rule_of(base) is rule:
+      owner = base
+  return owner
 
 
 class Tracker:
@@ -100,6 +161,14 @@ class Tracker:
     self._frames: list[_Frame] = []
     self._active: list[Any] = []
     self._suppressed = 0
+    # Every module seen, by type name, for error messages.
+    self.module_types: dict[Path, str] = {}
+    # Layers deliberately not recorded (decoding, PassThrough rules).
+    self.skipped: set[Path] = (set() if recorder is None
+                               else recorder.skipped)
+    # Subclass calls waiting for their layer class's own __call__: [module,
+    # whether it was reached].
+    self._awaiting: list[list[Any]] = []
 
   # ------------------------------------------------------------------------
   # Entry points for the framework adapters.
@@ -109,16 +178,25 @@ class Tracker:
     return any(m is module for m in self._active)
 
   def seen(self, path: Path, module) -> None:
+    self.module_types.setdefault(path, type(module).__name__)
     if self.recorder is not None:
       self.recorder.modules.setdefault(path, type(module).__name__)
+      if (_rules.rule_of(module) is not None
+          or _rules.attention_rule_of(module) is not None):
+        self.recorder.with_rule.add(path)
 
   def layer_call(self, module, path: Path, rule, arguments, inputs,
                  run: Callable[[], Any]):
     """A call of a module with a layer rule; ``run()`` executes it."""
     self.seen(path, module)
+    for waiting in self._awaiting:
+      if waiting[0] is module:
+        waiting[1] = True
     if self._suppressed:
+      self.skipped.add(path)
       return run()
     if isinstance(rule, _rules.PassThrough):
+      self.skipped.add(path)
       self._unsupported(path, rule.reason)
       return run()
     statistic = rule.read(module, arguments, inputs, self.options)
@@ -128,7 +206,7 @@ class Tracker:
     frame, role = self._role(path)
     self._active.append(module)
     try:
-      if role in ('value', 'qkv'):
+      if role in ('value', 'qkv', 'kv'):
         projection = _Projection(module, path, inputs, statistic)
         frame.projections[role] = projection
         projection.outputs = run()
@@ -141,6 +219,28 @@ class Tracker:
       frame.projections[role] = _Projection(module, path, inputs, statistic,
                                             outputs)
     return outputs
+
+  def override_call(self, module, path: Path, rule, arguments, inputs,
+                    run: Callable[[], Any]):
+    """A call of a layer subclass's own ``__call__`` (it overrides its rule's).
+
+    The statistic belongs to what the kernel multiplies, which is what the
+    layer class's own ``__call__`` receives when the override calls it
+    (``super().__call__(2 * x)``): that inner call records it, through
+    :meth:`layer_call`. An override that never reaches it is recorded from
+    its own arguments, as a layer of its rule.
+    """
+    self.seen(path, module)
+    waiting = [module, False]
+    self._awaiting.append(waiting)
+    try:
+      outputs = run()
+    finally:
+      self._awaiting.pop()
+    if waiting[1]:
+      return outputs
+    return self.layer_call(module, path, rule, arguments, inputs,
+                           lambda: outputs)
 
   def other_call(self, module, path: Path, run: Callable[[], Any]):
     """A call of a module without a rule (it may be a query/key norm)."""
@@ -161,6 +261,8 @@ class Tracker:
     call, :meth:`finish_attention` must be given its outputs.
     """
     self.seen(path, module)
+    if self.recorder is not None:
+      self.recorder.attention.add(path)
     if rule.skip is not None and rule.skip(module, arguments):
       self._suppressed += 1
       try:
@@ -174,9 +276,11 @@ class Tracker:
     frame = _Frame(module, path, rule)
     self._frames.append(frame)
     self._active.append(module)
+    _open_frames().append(frame)
     try:
       yield frame
     finally:
+      _open_frames().pop()
       self._active.pop()
       self._frames.pop()
 
@@ -184,9 +288,13 @@ class Tracker:
     """Records the value statistic of a finished attention call."""
     if frame is None:
       return
-    value = frame.projections.get('value') or frame.projections.get('qkv')
+    fused = next((role for role in ('qkv', 'kv')
+                  if role in frame.projections), None)
+    value = frame.projections.get('value') or frame.projections.get(fused)
     if value is None:
       return
+    if value is frame.projections.get('value'):
+      fused = None
     rule = frame.rule
     mask = _combined_mask(*rule.mask_of(frame.module, arguments))
     probabilities = frame.probabilities
@@ -194,15 +302,16 @@ class Tracker:
     if probabilities is None and rule.probabilities is not None:
       probabilities = rule.probabilities(frame.module, arguments, outputs)
     if probabilities is None:
-      probabilities = self._recompute(frame, mask)
+      probabilities = self._recompute(frame, mask, arguments)
       source = 'recomputed probabilities'
     if self.recorder is not None:
       self.recorder.value_sources[value.path] = (
           f'{self.options.value_stat} value statistic from {source} of'
           f' {path_str(frame.path)}')
+    mask = _resolve(mask, probabilities.shape, frame)
     entry = _value_entry(
         probabilities, mask, value, self.options.value_stat,
-        fused=value is frame.projections.get('qkv'), rule=rule,
+        fused=fused, rule=rule,
         module=frame.module)
     self._emit(value.module, value.path, entry[0], entry[1])
 
@@ -225,7 +334,7 @@ class Tracker:
     if len(path) <= len(base) or tuple(path[: len(base)]) != tuple(base):
       return None, None
     role = frame.rule.role_of(tuple(path[len(base):]))
-    if role in ('value', 'qkv') and not self.options.attention_aware:
+    if role in ('value', 'qkv', 'kv') and not self.options.attention_aware:
       role = None
     return frame, role
 
@@ -245,20 +354,32 @@ class Tracker:
   def _emit(self, module, path: Path, call: _rules.LayerCall, entry) -> None:
     if self.recorder is not None:
       self.recorder.layer(path, call)
+    # Statistics are replicated whatever rule made them (layer rules that
+    # users register, too), as the optimizer state that takes them is.
+    entry = jax.tree.map(_sharding.replicated, entry)
     self._records[-1](module, path, jax.lax.stop_gradient(entry))
 
-  def _recompute(self, frame: _Frame, mask) -> jax.Array:
-    """softmax(q kᵀ · scale) under the mask, from the kept projections."""
+  def _recompute(self, frame: _Frame, mask, arguments) -> jax.Array:
+    """softmax(q kᵀ · scale) under the mask, from the kept projections.
+
+    With the rule's ``rope`` applied to the (normed) query and key heads and
+    its ``logit_soft_cap`` to the logits, as the module does.
+    """
     rule = frame.rule
     heads = rule.heads(frame.module)
     if 'qkv' in frame.projections:
-      qkv = frame.projections['qkv']
-      if heads is None:
+      query, key, _ = _split_fused(frame.projections['qkv'], 3, heads,
+                                   rule.qkv_layout, frame)
+    elif 'kv' in frame.projections:
+      if 'query' not in frame.projections:
         raise ValueError(
-            f'attention {path_str(frame.path)}: a fused qkv projection needs'
-            ' num_heads in its attention rule.'
+            f'attention {path_str(frame.path)}: its query projection was not'
+            ' seen, so its attention probabilities can neither be read nor'
+            ' recomputed. Check the names in its attention rule.'
         )
-      query, key, _ = _split_qkv(_flat_outputs(qkv), heads, rule.qkv_layout)
+      query = _heads(frame.projections['query'], heads)
+      key, _ = _split_fused(frame.projections['kv'], 2,
+                            rule.kv_heads(frame.module), 'qkv', frame)
     else:
       missing = [r for r in ('query', 'key') if r not in frame.projections]
       if missing:
@@ -274,16 +395,22 @@ class Tracker:
       query = frame.norm_outputs['query_norm'].reshape(query.shape)
     if 'key_norm' in frame.norm_outputs:
       key = frame.norm_outputs['key_norm'].reshape(key.shape)
+    if rule.rope is not None:
+      query = rule.rope(frame.module, arguments, query)
+      key = rule.rope(frame.module, arguments, key)
     query = query.astype(jnp.float32)
     key = key.astype(jnp.float32)
     if key.shape[-2] != query.shape[-2]:
       # Grouped query attention: each key head serves consecutive query heads.
       key = jnp.repeat(key, query.shape[-2] // key.shape[-2], axis=-2)
-    scale = rule.scale
+    scale = rule.scale_of(frame.module)
     if scale is None:
       scale = 1.0 / np.sqrt(query.shape[-1])
     logits = jnp.einsum('...qhd,...khd->...hqk', query * scale, key)
-    mask = _resolve(mask, query.shape[-3], key.shape[-3])
+    cap = rule.soft_cap_of(frame.module)
+    if cap is not None:
+      logits = cap * jnp.tanh(logits / cap)
+    mask = _resolve(mask, logits.shape, frame)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits, axis=-1)
@@ -306,21 +433,61 @@ class _CausalMask:
     return jnp.logical_and(jnp.asarray(self.mask, bool), causal)
 
 
-def _resolve(mask, queries: int, keys: int):
-  return mask.resolve(queries, keys) if isinstance(mask, _CausalMask) else mask
+def _resolve(mask, shape: tuple[int, ...], frame: _Frame):
+  """The bool mask (or None) for logits of ``shape``, causal part included.
+
+  Raises, naming the attention module of ``frame``, when the mask does not
+  broadcast to ``shape`` ``(..., heads, queries, keys)``: the statistic would
+  otherwise be computed under a mask the module does not apply.
+  """
+  given = mask.mask if isinstance(mask, _CausalMask) else mask
+  if given is not None:
+    given_shape = tuple(np.shape(given))
+    try:
+      fits = np.broadcast_shapes(given_shape, tuple(shape)) == tuple(shape)
+    except ValueError:
+      fits = False
+    if not fits:
+      raise ValueError(
+          f'attention {path_str(frame.path)} ({type(frame.module).__name__}):'
+          f' its mask has shape {given_shape}, which does not broadcast to'
+          f' (batch, heads, queries, keys) = {tuple(shape)}. Give a mask'
+          ' argument by name as (batch, keys) (a key-padding mask) or'
+          ' broadcastable to (batch, heads, queries, keys), or a callable'
+          ' returning such a mask.'
+      )
+  if isinstance(mask, _CausalMask):
+    return mask.resolve(shape[-2], shape[-1])
+  return mask
+
+
+def _lead(projection: _Projection) -> int:
+  """How many leading (row) axes the projection's outputs have."""
+  return projection.inputs.ndim - len(projection.statistic.call.in_shape)
+
+
+def _canonical_outputs(projection: _Projection) -> jax.Array:
+  """Projection outputs as ``(*rows, *output features)``.
+
+  Most layers already lay their outputs out so; an einsum such as Gemma's
+  ``'BTD,SNDH->SBTNH'`` puts its fused axis ``S`` first, and its rule says how
+  to move it after the rows (``LayerCall.output_axes``).
+  """
+  axes = projection.statistic.call.output_axes
+  outputs = projection.outputs
+  return outputs if axes is None else jnp.transpose(outputs, axes)
 
 
 def _flat_outputs(projection: _Projection) -> jax.Array:
   """Projection outputs as ``(*rows, features)``, its output axes flattened."""
-  lead = projection.inputs.ndim - len(projection.statistic.call.in_shape)
-  outputs = projection.outputs
-  return outputs.reshape(outputs.shape[:lead] + (-1,))
+  outputs = _canonical_outputs(projection)
+  return outputs.reshape(outputs.shape[:_lead(projection)] + (-1,))
 
 
 def _heads(projection: _Projection, heads: int | None) -> jax.Array:
   """Query/key outputs as ``(..., length, heads, head_dim)``."""
-  lead = projection.inputs.ndim - len(projection.statistic.call.in_shape)
-  outputs = projection.outputs
+  lead = _lead(projection)
+  outputs = _canonical_outputs(projection)
   if heads is None:
     if outputs.ndim != lead + 2:
       raise ValueError(
@@ -333,20 +500,55 @@ def _heads(projection: _Projection, heads: int | None) -> jax.Array:
   return flat.reshape(flat.shape[:-1] + (heads, -1))
 
 
-def _split_qkv(flat: jax.Array, heads: int, layout: str):
+def _fused_heads(projection: _Projection, parts: int, heads: int | None,
+                 layout: str, attention: Path) -> int:
+  """Heads of a fused projection: from head-shaped outputs, else ``heads``.
+
+  Head-shaped outputs are ``(parts, heads, head_dim)`` in the ``'qkv'``
+  layout (an einsum ``'BTD,SNDH->SBTNH'``), ``(heads, parts, head_dim)`` in
+  the ``'heads'`` layout; flat ones need the rule's head count.
+  """
+  features = _canonical_outputs(projection).shape[_lead(projection):]
+  if len(features) == 3:
+    part_axis, head_axis = (0, 1) if layout == 'qkv' else (1, 0)
+    if features[part_axis] != parts:
+      raise ValueError(
+          f'attention {path_str(attention)}: the fused projection'
+          f' {path_str(projection.path)} has output features {features}, not'
+          f' {parts} parts along axis {part_axis} ({layout!r} layout).'
+      )
+    return int(features[head_axis])
+  if heads is None:
+    raise ValueError(
+        f'attention {path_str(attention)}: the fused projection'
+        f' {path_str(projection.path)} has flat outputs; give num_heads'
+        f'{" (num_kv_heads for kv)" if parts == 2 else ""} in its attention'
+        ' rule.'
+    )
+  return heads
+
+
+def _split_fused(projection: _Projection, parts: int, heads: int | None,
+                 layout: str, frame: _Frame) -> list[jax.Array]:
+  """A fused projection's q/k/v (or k/v) as ``(..., length, heads, dim)``."""
+  heads = _fused_heads(projection, parts, heads, layout, frame.path)
+  flat = _flat_outputs(projection)
   if layout == 'qkv':
-    parts = flat.reshape(flat.shape[:-1] + (3, heads, -1))
-    return parts[..., 0, :, :], parts[..., 1, :, :], parts[..., 2, :, :]
-  parts = flat.reshape(flat.shape[:-1] + (heads, 3, -1))
-  return parts[..., 0, :], parts[..., 1, :], parts[..., 2, :]
+    pieces = flat.reshape(flat.shape[:-1] + (parts, heads, -1))
+    return [pieces[..., i, :, :] for i in range(parts)]
+  pieces = flat.reshape(flat.shape[:-1] + (heads, parts, -1))
+  return [pieces[..., i, :] for i in range(parts)]
 
 
 def _value_entry(probabilities, mask, value: _Projection, value_stat: str, *,
-                 fused: bool, rule: _rules.AttentionRule, module):
-  """The ``mac_stats`` node of a value (or fused qkv) projection."""
+                 fused: str | None, rule: _rules.AttentionRule, module):
+  """The ``mac_stats`` node of a value (or fused qkv / kv) projection.
+
+  ``fused`` is None for a value projection of its own, else the fused
+  projection's role, ``'qkv'`` or ``'kv'``.
+  """
   probabilities = probabilities.astype(jnp.float32)
   heads, queries, keys = probabilities.shape[-3:]
-  mask = _resolve(mask, queries, keys)
   if mask is None:
     valid = jnp.ones(probabilities.shape[:-1], jnp.float32)
   else:
@@ -365,8 +567,12 @@ def _value_entry(probabilities, mask, value: _Projection, value_stat: str, *,
   key_weight = jnp.einsum('bhqk,bhq->bhk', probabilities, valid)
   query_rows = jnp.sum(valid) / heads
   out_features = _out_features(value)
-  if fused:
-    value_heads = rule.heads(module) or heads
+  if fused == 'kv':
+    value_heads = _fused_heads(value, 2, rule.kv_heads(module), 'qkv',
+                               value.path)
+  elif fused:
+    value_heads = _fused_heads(value, 3, rule.heads(module) or heads,
+                               rule.qkv_layout, value.path)
   else:
     value_heads = _value_heads(value, heads)
   entry = {}
@@ -405,7 +611,8 @@ def _value_entry(probabilities, mask, value: _Projection, value_stat: str, *,
     return call, entry
   # Fused projection: query and key blocks keep the plain statistic.
   plain = value.statistic
-  block_source = _fused_block_source(head_index, value_heads, rule.qkv_layout)
+  layout = 'kv' if fused == 'kv' else rule.qkv_layout
+  block_source = _fused_block_source(head_index, value_heads, layout)
   entry.update({
       _stats.PLAIN: _with_bias(plain.mean[..., 0, :], has_bias),
       _stats.ROWS: jnp.asarray(plain.rows, jnp.float32),
@@ -424,8 +631,18 @@ def _value_entry(probabilities, mask, value: _Projection, value_stat: str, *,
 
 
 def _fused_block_source(head_index, heads: int, layout: str):
-  """Per output block: -1 for query/key (plain), else a value_input row."""
+  """Per output block: -1 for query/key (plain), else a value_input row.
+
+  Blocks follow the fused output features: ``'qkv'`` is ``(3, heads,
+  head_dim)``, ``'heads'`` is ``(heads, 3, head_dim)`` and ``'kv'`` is ``(2,
+  heads, head_dim)`` (key, then value). One value row serves all value heads
+  (the reference statistic) unless ``head_index`` numbers them (per head).
+  """
   distinct = len(set(head_index.tolist())) > 1
+  if layout == 'kv':
+    if not distinct:
+      return np.array([-1, 0])
+    return np.concatenate([-np.ones(heads, np.int64), head_index])
   if layout == 'qkv':
     if not distinct:
       return np.array([-1, -1, 0])
@@ -436,14 +653,12 @@ def _fused_block_source(head_index, heads: int, layout: str):
 
 
 def _out_features(projection: _Projection) -> int:
-  lead = projection.inputs.ndim - len(projection.statistic.call.in_shape)
-  return int(np.prod(projection.outputs.shape[lead:]))
+  return int(np.prod(_canonical_outputs(projection).shape[_lead(projection):]))
 
 
 def _value_heads(value: _Projection, heads: int) -> int:
   """Heads of the value projection (fewer than query heads under GQA)."""
-  lead = value.inputs.ndim - len(value.statistic.call.in_shape)
-  out_shape = value.outputs.shape[lead:]
+  out_shape = _canonical_outputs(value).shape[_lead(value):]
   if len(out_shape) == 2 and heads % out_shape[0] == 0:
     return int(out_shape[0])
   return heads

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from mac_optax import _layers
+from mac_optax import _sharding
 from mac_optax import _stats
 
 Path = _layers.Path
@@ -21,6 +22,16 @@ _SECOND_MOMENT_SCALES = ('unscaled', 'damping')
 SECOND_MOMENT = 'second_moment'
 _INVERSE = 'damped_inverse'
 _SKIPPED = 'skipped_captures'
+# A mean activation beyond this (in magnitude) is a numerical fault, not a
+# statistic: it is skipped like a NaN one. Far beyond what a working network
+# produces, it keeps the EMA and its bias correction (a division by at least
+# 1 - stat_decay >= 2**-24 in float32) finite. The preconditioner itself is
+# exact for any finite statistic.
+MAX_STATISTIC = 1e24
+# An injected damping below this (or NaN) acts as this.
+MIN_DAMPING = 1e-20
+# The largest float32 below 1: an injected stat_decay is clamped to it.
+_MAX_DECAY = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
 
 class ScaleByMacState(NamedTuple):
@@ -47,6 +58,13 @@ class ScaleByMacState(NamedTuple):
   mean_input: Any
   skipped_captures: Any = {}
   exact_factors: Any = {}
+
+
+class _PerLayerFields:
+  """Stands for a per-layer field of the state when the params are unknown."""
+
+  def __repr__(self) -> str:
+    return '<per-layer MAC statistics>'
 
 
 def nest(flat: Mapping[Path, Any], name: str = _stats.MEAN) -> dict:
@@ -99,6 +117,47 @@ def _validate_hyperparameters(damping, stat_decay, t_cov, t_inv) -> None:
         int(period) != period or int(period) < 1
     ):
       raise ValueError(f'{name} must be a positive integer, got {period}.')
+
+
+def _check_scalar(name: str, value) -> None:
+  """Hyperparameters are single numbers (one damping for every layer)."""
+  shape = jnp.shape(value)
+  if shape:
+    raise ValueError(
+        f'{name} must be a scalar, got an array of shape {shape}: MAC uses'
+        ' one value for every layer.'
+    )
+
+
+def _guarded_decay(stat_decay) -> jax.Array:
+  """``stat_decay`` as float32, clamped into ``[0, 1)`` when traced.
+
+  An injected (traced) value cannot be checked; 1.0 would stop the EMA and
+  make the bias correction divide by zero. NaN counts as 0 (no memory).
+  """
+  decay = jnp.asarray(stat_decay, jnp.float32)
+  if _is_concrete_number(stat_decay):
+    return decay  # checked at construction
+  return jnp.where(decay >= 0.0, jnp.minimum(decay, _MAX_DECAY), 0.0)
+
+
+def _guarded_damping(damping) -> jax.Array:
+  """``damping`` as float32, at least ``MIN_DAMPING`` when traced.
+
+  With 0 the ``'exact'`` scale divides by zero and a zero statistic gives
+  0 / 0; NaN counts as the floor too.
+  """
+  value = jnp.asarray(damping, jnp.float32)
+  if _is_concrete_number(damping):
+    return value  # checked at construction
+  return jnp.where(value >= MIN_DAMPING, value, MIN_DAMPING)
+
+
+def _guarded_period(period):
+  """An injected ``t_cov``/``t_inv`` below 1 acts as 1 (no modulo by 0)."""
+  if _is_concrete_number(period):
+    return period  # checked at construction
+  return jnp.maximum(period, 1)
 
 
 def _check_full_precision(name: str, value) -> None:
@@ -158,7 +217,50 @@ def _check_second_moments(
           f'{where} has shape {tuple(np.shape(moment))}, expected {expected}'
           ' (the input size, plus one for the bias).'
       )
+    check_second_moment(moment, where)
   return flat
+
+
+def check_second_moment(moment: Any, where: str) -> None:
+  """Raises unless a concrete ``Σ`` is finite, symmetric and PSD.
+
+  A second moment ``E[x xᵀ]`` has these properties up to float32 rounding;
+  one without them (a NaN sample, inputs whose squares overflow, a matrix
+  that is not a second moment) would make every update of its layer NaN.
+  Shapes (``jax.ShapeDtypeStruct``) and traced values are not checked.
+
+  Args:
+    moment: ``Σ``, ``d x d``.
+    where: names the layer, for the error.
+  """
+  if isinstance(moment, (jax.ShapeDtypeStruct, jax.core.Tracer)):
+    return
+  matrix = np.asarray(moment, np.float64)
+  bad = int(np.size(matrix) - np.count_nonzero(np.isfinite(matrix)))
+  if bad:
+    raise ValueError(
+        f'{where} has {bad} NaN or Inf entries: a batch with non-finite'
+        ' inputs, or inputs so large (|x| beyond ~1.8e19) that their squares'
+        ' overflow float32. Compute it from clean data.'
+    )
+  dim = matrix.shape[-1]
+  eigenvalues = np.linalg.eigvalsh(0.5 * (matrix + matrix.T))
+  largest = float(np.max(np.abs(eigenvalues), initial=0.0))
+  # float32 sums of outer products are PSD up to rounding of this order,
+  # which is also where a float32 Cholesky of Σ + λI stops being reliable.
+  tolerance = 8 * dim * float(np.finfo(np.float32).eps) * largest
+  asymmetry = float(np.max(np.abs(matrix - matrix.T), initial=0.0))
+  if asymmetry > tolerance:
+    raise ValueError(
+        f'{where} is not symmetric (entries differ from their transposes by'
+        f' up to {asymmetry:.3g}); a second moment E[x xᵀ] is.'
+    )
+  if eigenvalues[0] < -tolerance:
+    raise ValueError(
+        f'{where} is not positive semi-definite: its smallest eigenvalue is'
+        f' {eigenvalues[0]:.3g} (largest {largest:.3g}); a second moment'
+        ' E[x xᵀ] has none below 0.'
+    )
 
 
 def _damped_inverse(moment, damping, convention: str) -> jax.Array:
@@ -176,17 +278,104 @@ def _damped_inverse(moment, damping, convention: str) -> jax.Array:
 
 def _precondition_exact(kernel, bias, inverse, spec: _layers.LayerSpec):
   """``F Ĝ`` with ``Ĝ`` the ``(d, out)`` kernel gradient plus a bias row."""
+  if _sharding.is_explicit(kernel, bias):
+    # As in precondition: reshapes and the concatenation in Auto mode.
+    return _sharding.with_auto_axes(
+        lambda *args: _precondition_exact(*args, spec), (kernel, bias),
+        kernel, bias, inverse)
   d_in = spec.dim - int(spec.has_bias)
-  grad = kernel.astype(jnp.float32).reshape(d_in, -1)
+  canonical = spec.to_canonical(kernel)
+  grad = canonical.astype(jnp.float32).reshape(d_in, -1)
   if spec.has_bias:
     grad = jnp.concatenate(
         [grad, bias.astype(jnp.float32).reshape(1, -1)], axis=0
     )
   grad = jnp.matmul(inverse, grad, precision=jax.lax.Precision.HIGHEST)
-  new_kernel = grad[:d_in].reshape(kernel.shape).astype(kernel.dtype)
+  new_kernel = spec.from_canonical(
+      grad[:d_in].reshape(canonical.shape).astype(kernel.dtype))
   if not spec.has_bias:
     return new_kernel, None
   return new_kernel, grad[d_in].reshape(bias.shape).astype(bias.dtype)
+
+
+def _usable(stat: jax.Array, counts: list[jax.Array]) -> jax.Array:
+  """Whether a layer's statistic may enter its EMA (a bool scalar).
+
+  Not if any entry is NaN, Inf or beyond ``MAX_STATISTIC`` in magnitude (a
+  numerical fault), nor if it saw no rows (an empty batch, or attention with
+  every query masked, whose value statistic is all zeros).
+  """
+  usable = jnp.all(jnp.abs(stat) <= MAX_STATISTIC)  # False for NaN too
+  for count in counts:
+    usable &= jnp.all(count > 0)
+  return usable
+
+
+def _check_state_against_layers(layers, emas, mean_inputs, skipped,
+                                moments) -> None:
+  """The state must hold ``layers``' statistics (not another model's)."""
+  another = (': the state was built (or restored) for another model, or'
+             ' `layers` for another one.')
+  for what, flat in (('mean_input_ema', emas), ('mean_input', mean_inputs)):
+    for path, value in flat.items():
+      if path not in layers:
+        raise ValueError(
+            f'the optimizer state has a {what} for {path_str(path)}, which is'
+            f' not a layer of `layers` (known: {layers.known()}){another}'
+        )
+      spec = layers[path]
+      if tuple(np.shape(value)) != spec.stat_shape:
+        raise ValueError(
+            f'the optimizer state\'s {what} for layer {path_str(path)}'
+            f' ({spec.module}) has shape {tuple(np.shape(value))}, but'
+            f' `layers` gives the layer a statistic of shape'
+            f' {spec.stat_shape}{another}'
+        )
+  for what, flat in (('mean_input', mean_inputs), ('skipped_captures',
+                                                   skipped)):
+    if set(flat) != set(emas):
+      odd = sorted(map(path_str, set(flat) ^ set(emas)))
+      raise ValueError(
+          f'the optimizer state\'s {what} and mean_input_ema differ in the'
+          f' layers {", ".join(odd)}; the state is not one scale_by_mac built.'
+      )
+  for path, moment in moments.items():
+    spec = layers.get(path)
+    expected = None if spec is None else (spec.dim, spec.dim)
+    if tuple(np.shape(moment)) != expected:
+      raise ValueError(
+          f'the optimizer state has a {tuple(np.shape(moment))} second moment'
+          f' for {path_str(path)}, but `layers`'
+          + (' has no such layer' if spec is None else
+             f' gives it an input of size {spec.dim}') + another
+      )
+
+
+def _check_unlisted_kernels(layers: _layers.Layers, params: Any) -> None:
+  """Every kernel in ``params`` belongs to a module ``find_layers`` saw.
+
+  A kernel under a module path that the traced forward pass never reached
+  means ``layers`` was found on another model (a shallower one with the same
+  path names would leave the extra layers unpreconditioned without a word).
+  ``Layers`` built without module records (by hand) are not checked.
+  """
+  if not layers.modules:
+    return
+  for path, leaf in _layers.leaf_paths(params):
+    if not path or path[-1] != 'kernel' or isinstance(leaf, optax.MaskedNode):
+      continue
+    module_path = path[:-1]
+    if module_path in layers or module_path in layers.modules:
+      continue
+    raise ValueError(
+        f'params has a kernel at {path_str(path)}, but the forward pass that'
+        f' find_layers traced never reached a module {path_str(module_path)}:'
+        ' `layers` was found on another model (or with arguments that skip'
+        ' this module). Call find_layers on the model you train, with the'
+        ' arguments of a training step; a module that training deliberately'
+        ' never calls can be left out of MAC with optax.masked or'
+        ' optax.partition.'
+    )
 
 
 def _active_layers(layers: _layers.Layers, params: Any) -> dict[Path, Any]:
@@ -200,8 +389,11 @@ def _active_layers(layers: _layers.Layers, params: Any) -> dict[Path, Any]:
           f'{where}: `layers` lists it but params/{path_str(path)} has no'
           ' "kernel". Were the layers found on another model?'
       )
-    kernel_masked = isinstance(node['kernel'], optax.MaskedNode)
-    bias = node.get('bias')
+    # Boxed parameters (nn.Partitioned, NNX Variables) hold the array, or
+    # the MaskedNode of a mask given per array rather than per box.
+    kernel = _layers.unbox(node['kernel'])
+    kernel_masked = isinstance(kernel, optax.MaskedNode)
+    bias = _layers.unbox(node.get('bias'))
     if spec.has_bias and bias is None:
       raise ValueError(f'{where}: params/{path_str(path)} has no "bias".')
     if spec.has_bias and isinstance(bias, optax.MaskedNode) != kernel_masked:
@@ -211,13 +403,24 @@ def _active_layers(layers: _layers.Layers, params: Any) -> dict[Path, Any]:
       )
     if kernel_masked:
       continue
-    shape = tuple(np.shape(node['kernel']))
+    shape = tuple(np.shape(kernel))
     if shape != spec.kernel_shape:
       raise ValueError(
           f'{where}: kernel shape {shape}, expected {spec.kernel_shape}.'
       )
     active[path] = spec
   return active
+
+
+def _inverse_power_of_two_scale(a: jax.Array) -> jax.Array:
+  """``2**-e`` per row of ``a``, with ``2**e`` within a factor 2 of max|a|.
+
+  1 for a zero row. The exponent is clipped so that both ``2**e`` and
+  ``2**-e`` are normal float32 numbers.
+  """
+  _, exponent = jnp.frexp(jnp.max(jnp.abs(a), axis=-1))
+  exponent = jnp.clip(exponent, -125, 125)
+  return jnp.ldexp(jnp.ones(exponent.shape, a.dtype), -exponent)
 
 
 def precondition(
@@ -242,7 +445,9 @@ def precondition(
   :math:`\lambda`, giving the damped inverse itself.
 
   Args:
-    kernel: kernel gradient, shape ``spec.kernel_shape``.
+    kernel: kernel gradient, shape ``spec.kernel_shape`` (as stored; it is
+      transposed to canonical order and back when ``spec.kernel_axes`` says
+      so).
     bias: bias gradient, shape ``spec.bias_shape``, or None without bias.
     mean_input: :math:`\hat a`, shape ``spec.stat_shape``.
     spec: the layer geometry.
@@ -252,14 +457,29 @@ def precondition(
   Returns:
     The preconditioned ``(kernel, bias)`` gradients, in their own dtypes.
   """
+  if _sharding.is_explicit(kernel, bias):
+    # Gradients sharded over Explicit mesh axes (FSDP, tensor parallelism):
+    # the reshapes below would need their output shardings spelled out.
+    return _sharding.with_auto_axes(
+        lambda kernel, bias, mean_input, damping: precondition(
+            kernel, bias, mean_input, spec, damping, scale), (kernel, bias),
+        kernel, bias, mean_input, jnp.asarray(damping, jnp.float32))
   stacks = int(np.prod(spec.stack_shape, dtype=np.int64))
   d_in = spec.dim - int(spec.has_bias)
   out = int(np.prod(spec.out_shape, dtype=np.int64)) // spec.blocks
   shape = (stacks, spec.blocks, out)
+  kernel = spec.to_canonical(kernel)
   grad = kernel.astype(jnp.float32).reshape((stacks, d_in) + shape[1:])
   a = mean_input.astype(jnp.float32).reshape((stacks, spec.blocks, spec.dim))
   damping = jnp.asarray(damping, jnp.float32)
-  denominator = damping + jnp.sum(jnp.square(a), axis=-1)
+  # ‖â‖² overflows float32 once |â| ≳ 1.8e19. With â = s b for a power of
+  # two s near max|â|, the update G - b (bᵀG) / (λ/s² + ‖b‖²) is the same,
+  # and so is its float arithmetic (powers of two scale without rounding),
+  # but it stays finite for any finite â.
+  inverse_scale = _inverse_power_of_two_scale(a)
+  a = a * inverse_scale[..., None]
+  denominator = (damping * inverse_scale * inverse_scale
+                 + jnp.sum(jnp.square(a), axis=-1))
   # The bias is the last input coordinate: kept apart to avoid concatenating.
   projection = jnp.einsum('snd,sdno->sno', a[..., :d_in], grad)
   if spec.has_bias:
@@ -269,7 +489,8 @@ def precondition(
   grad = grad - jnp.einsum('snd,sno->sdno', a[..., :d_in], projection)
   if scale == 'exact':
     grad = grad / damping
-  new_kernel = grad.reshape(kernel.shape).astype(kernel.dtype)
+  new_kernel = spec.from_canonical(
+      grad.reshape(kernel.shape).astype(kernel.dtype))
   if not spec.has_bias:
     return new_kernel, None
   bias_grad = bias_grad - a[..., d_in, None] * projection
@@ -312,10 +533,14 @@ def scale_by_mac(
   used unchanged until the next refresh. Both happen at :math:`t = 0`, where
   :math:`\hat a` is exactly the first batch's statistic.
 
-  A layer whose statistic is not finite (NaN or Inf) on a capture step skips
-  that capture: its EMA keeps its previous value and the capture is not
-  counted in its bias correction (``skipped_captures`` in the state), so one
-  bad batch cannot poison the EMA for the rest of training.
+  A layer whose statistic is not finite (NaN or Inf), has an entry beyond
+  ``MAX_STATISTIC`` (1e24) in magnitude, or saw no rows (an empty batch,
+  attention with every query masked) on a capture step skips that capture:
+  its EMA keeps its previous value and the capture is not counted in its bias
+  correction (``skipped_captures`` in the state), so one bad batch cannot
+  poison the EMA for the rest of training. The preconditioner's arithmetic
+  is finite for any finite statistic (it rescales :math:`\hat a` by a power
+  of two before squaring, which changes no rounding).
 
   Layers given in ``second_moments`` (the reference's first-layer treatment)
   use the full damped inverse :math:`(\Sigma + \lambda I)^{-1} \hat G` of
@@ -328,11 +553,22 @@ def scale_by_mac(
   ignore them.
 
   Args:
-    layers: the preconditioned layers, from :func:`find_layers`.
-    damping: :math:`\lambda > 0`.
-    stat_decay: :math:`\beta \in [0, 1)`.
-    t_cov: statistics period :math:`T_{cov}`.
-    t_inv: preconditioner refresh period :math:`T_{inv}`.
+    layers: the preconditioned layers, from :func:`find_layers`. Empty
+      ``layers`` are refused (nothing would be preconditioned) unless found
+      with ``allow_empty=True``. ``init`` checks them against the params both
+      ways: every layer's kernel is there, and every kernel belongs to a
+      module the traced forward pass reached. Parameters may be boxed
+      (``nn.with_logical_partitioning``, NNX ``Variable``\ s): updates keep
+      their boxes.
+    damping: :math:`\lambda > 0`, a scalar. Checked when concrete; an
+      injected (traced) value below ``MIN_DAMPING`` (1e-20), or NaN, acts as
+      ``MIN_DAMPING``.
+    stat_decay: :math:`\beta \in [0, 1)`. Checked when concrete; an
+      injected value is clamped into :math:`[0, 1 - 2^{-24}]` (NaN acts as
+      0).
+    t_cov: statistics period :math:`T_{cov}`, a positive integer (an
+      injected value below 1 acts as 1).
+    t_inv: preconditioner refresh period :math:`T_{inv}` (likewise).
     scale: ``'reference'`` (the authors' :math:`\lambda`-scaled inverse, whose
       eigenvalues lie in :math:`(0, 1]`) or ``'exact'`` (the damped inverse
       :math:`(\hat a \hat a^\top + \lambda I)^{-1}`, i.e. divided by
@@ -347,7 +583,10 @@ def scale_by_mac(
       Leave it None under ``jax.jit`` with sharded inputs, where the
       statistics already are global.
     second_moments: optional ``{module path...: {'second_moment': Σ}}`` from
-      :func:`input_second_moments`; these layers get the exact factor. For a
+      :func:`input_second_moments`; these layers get the exact factor. Each
+      concrete :math:`\Sigma` must be finite, symmetric and positive
+      semi-definite (up to float32 rounding), else a ``ValueError`` names the
+      layer. For a
       restore target, ``jax.ShapeDtypeStruct`` leaves are accepted (the state
       then holds zeros until the checkpoint is restored into it).
     second_moment_scale: ``'unscaled'`` (the reference's
@@ -384,6 +623,15 @@ def scale_by_mac(
         'layers must come from mac_optax.find_layers(model.apply, variables,'
         f' *example_inputs), got {type(layers).__name__}.'
     )
+  if not layers and not getattr(layers, 'allow_empty', False):
+    raise ValueError(
+        '`layers` is empty: find_layers found no layer that MAC can'
+        ' precondition, so this optimizer would train as plain SGD with'
+        ' momentum. mac_optax.summary(layers, params) says why each'
+        ' parameter is left out; custom layers need'
+        ' mac_optax.register_layer / register_attention. To train without'
+        ' preconditioning anyway, call find_layers(..., allow_empty=True).'
+    )
   if scale not in _SCALES:
     raise ValueError(f'scale must be one of {_SCALES}, got {scale!r}.')
   if second_moment_scale not in _SECOND_MOMENT_SCALES:
@@ -394,6 +642,9 @@ def scale_by_mac(
   # Before the range checks: a rounded value may be out of range (1.0).
   _check_full_precision('damping', damping)
   _check_full_precision('stat_decay', stat_decay)
+  for name, value in (('damping', damping), ('stat_decay', stat_decay),
+                      ('t_cov', t_cov), ('t_inv', t_inv)):
+    _check_scalar(name, value)
   _validate_hyperparameters(damping, stat_decay, t_cov, t_inv)
   exact_moments = (
       {} if second_moments is None
@@ -401,12 +652,22 @@ def scale_by_mac(
   )
 
   def init_fn(params):
-    # optax.tree.map_params calls init with a placeholder instead of a dict;
-    # the state's shapes come from `layers`, so there is nothing to check.
-    if isinstance(params, Mapping):
-      active = _active_layers(layers, params)
-    else:
-      active = dict(layers)
+    if not isinstance(params, Mapping):
+      # optax.tree.map_params calls init with a placeholder instead of the
+      # params, to find the parameter-shaped parts of the state. Which layers
+      # have statistics depends on the params (optax.masked/partition leave
+      # some out), so each per-layer field is one opaque leaf here, standing
+      # for the whole field of the real state.
+      return ScaleByMacState(
+          count=jnp.zeros([], jnp.int32),
+          stat_count=jnp.zeros([], jnp.int32),
+          mean_input_ema=_PerLayerFields(),
+          mean_input=_PerLayerFields(),
+          skipped_captures=_PerLayerFields(),
+          exact_factors=_PerLayerFields(),
+      )
+    active = _active_layers(layers, params)
+    _check_unlisted_kernels(layers, params)
     rank_one = {p: s for p, s in active.items() if p not in exact_moments}
     zeros = nest({
         path: jnp.zeros(spec.stat_shape, jnp.float32)
@@ -451,7 +712,9 @@ def scale_by_mac(
       raise ValueError(
           'scale_by_mac needs the layer statistics: call'
           ' tx.update(grads, state, params, mac_stats=stats) with the stats'
-          ' returned by mac_optax.capture(model.apply).'
+          ' returned by mac_optax.capture(model.apply). With flax\'s'
+          ' TrainState, use mac_optax.TrainState (or TrainStateMixin) and'
+          ' state.apply_gradients(grads=grads, mac_stats=stats).'
       )
     stats = _layers.flatten_stats(mac_stats)
     emas = _layers.flatten_stats(state.mean_input_ema)
@@ -461,8 +724,17 @@ def scale_by_mac(
                       (_INVERSE,))
     inverses = _unnest(state.exact_factors, _INVERSE, 'exact_factors',
                        (SECOND_MOMENT,))
-    for path in stats:
-      layers.require(path, 'mac_stats has a statistic')
+    _check_state_against_layers(layers, emas, mean_inputs, skipped, moments)
+    for path, stat in stats.items():
+      spec = layers.require(path, 'mac_stats has a statistic')
+      dtype = jnp.result_type(stat)
+      if not jnp.issubdtype(dtype, jnp.floating):
+        # An integer mean would be truncated, a complex one is meaningless.
+        raise ValueError(
+            f'mac_stats for layer {path_str(path)} ({spec.module}) has dtype'
+            f' {jnp.dtype(dtype).name}; statistics are float means, as'
+            ' mac_optax.capture returns them.'
+        )
     for path in emas:
       spec = layers[path]
       if path not in stats:
@@ -477,22 +749,27 @@ def scale_by_mac(
             f' {tuple(np.shape(stats[path]))}, expected {spec.stat_shape}.'
         )
     if axis_name is not None:
-      stats = _layers.flatten_stats(reduce_stats(mac_stats))
+      mac_stats = reduce_stats(mac_stats)
+      stats = _layers.flatten_stats(mac_stats)
+    counts = _stats.row_counts(mac_stats)
 
     count = state.count
-    capture_now = count % t_cov == 0
-    refresh_now = count % t_inv == 0
+    capture_now = count % _guarded_period(t_cov) == 0
+    refresh_now = count % _guarded_period(t_inv) == 0
     stat_count = state.stat_count + capture_now.astype(jnp.int32)
-    decay = jnp.asarray(stat_decay, jnp.float32)
+    decay = _guarded_decay(stat_decay)
+    safe_damping = _guarded_damping(damping)
     new_emas, new_means, new_skipped = {}, {}, {}
     for path, ema in emas.items():
-      stat = stats[path].astype(jnp.float32)
-      finite = jnp.all(jnp.isfinite(stat))
+      # Replicated like the EMA: statistics made outside capture may be
+      # sharded over Explicit mesh axes, and where() needs one sharding.
+      stat = _sharding.replicated(stats[path]).astype(jnp.float32)
+      usable = _usable(stat, counts.get(path, ()))
       ema = jnp.where(
-          capture_now & finite, decay * ema + (1.0 - decay) * stat, ema
+          capture_now & usable, decay * ema + (1.0 - decay) * stat, ema
       )
       new_emas[path] = ema
-      new_skipped[path] = skipped[path] + (capture_now & ~finite).astype(
+      new_skipped[path] = skipped[path] + (capture_now & ~usable).astype(
           jnp.int32
       )
       # Bias correction counts only the captures this layer's EMA took.
@@ -510,7 +787,8 @@ def scale_by_mac(
       # refreshed statistic and the cubic cost is paid every t_inv steps.
       inverse = jax.lax.cond(
           refresh_now,
-          lambda moment: _damped_inverse(moment, damping, second_moment_scale),
+          lambda moment: _damped_inverse(moment, safe_damping,
+                                         second_moment_scale),
           lambda _, old=inverses[path]: old,
           moment,
       )
@@ -522,8 +800,8 @@ def scale_by_mac(
       node = _layers.lookup(updates, path)
       if not isinstance(node, Mapping):
         node = {}
-      kernel = _layers.unwrap(node.get('kernel'))
-      bias = _layers.unwrap(node.get('bias'))
+      kernel = _layers.unbox(node.get('kernel'))
+      bias = _layers.unbox(node.get('bias'))
       if kernel is None or (spec.has_bias and bias is None):
         raise ValueError(
             f'layer {path_str(path)} ({spec.module}): the updates have no'
@@ -537,7 +815,7 @@ def scale_by_mac(
         )
       else:
         new_kernel, new_bias = precondition(
-            kernel, bias, new_means[path], spec, damping, scale
+            kernel, bias, new_means[path], spec, safe_damping, scale
         )
       preconditioned[path + ('kernel',)] = new_kernel
       if spec.has_bias:
@@ -548,10 +826,11 @@ def scale_by_mac(
       if path not in preconditioned:
         return leaf
       new = preconditioned[path]
-      return leaf.replace(new) if _layers.is_variable(leaf) else new
+      # A boxed update keeps its box: sharding names survive the step.
+      return _layers.rebox(leaf, new)
 
     updates = jax.tree_util.tree_map_with_path(
-        replace, updates, is_leaf=_layers.is_variable
+        replace, updates, is_leaf=_layers.is_leaf_box
     )
     new_state = ScaleByMacState(
         count=optax.safe_increment(count),

@@ -342,7 +342,8 @@ def test_best_learning_rate_is_the_held_out_argmax_or_argmin():
 def test_sweep_trains_every_grid_point_on_the_held_out_split(monkeypatch):
   calls = []
 
-  def fake_train(task, name, lr, budget, seed, progress, first_layer=False):
+  def fake_train(task, name, lr, budget, seed, progress, first_layer=False,
+                 adam_learning_rate=None):
     calls.append((task.eval_name, name, lr, seed))
     return _history(name, lr, [0.0, 1.0 - abs(math.log10(lr) + 1)])
 
@@ -438,6 +439,7 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys):
   result = cli.main(['--model', 'cnn', '--dataset', 'digits', '--steps', '4',
                      '--batch-size', '16', '--width', '4', '--depth', '1',
                      '--seeds', '2', '--evals', '2', '--no-progress',
+                     '--optimizers', 'mac,adamw,sgd',
                      '--lr', 'mac=0.05', '--out', str(tmp_path)])
   out = capsys.readouterr().out
   rows = [l for l in out.splitlines() if l.startswith('| ')]
@@ -499,3 +501,84 @@ def test_first_layer_factor_changes_mac_and_its_pass_is_timed(digits_task):
   assert plain.setup_seconds == 0.0 and plain.seconds[0] == 0.0
   assert exact.setup_seconds > 0 and exact.seconds[0] == exact.setup_seconds
   assert abs(plain.eval_loss[-1] - exact.eval_loss[-1]) > 1e-5
+
+
+# The peers and presets of the comparison.
+
+
+def test_muon_decays_every_part_under_the_demo_mask():
+  """With zero gradients Muon's and Adam's steps are zero, so the update is
+  the decay alone: Muon's rate on the matrices, the Adam rate on the conv
+  kernel (not a matrix, so Adam's part), nothing on vectors and ``pos``."""
+  budget = training.Budget(steps=10, batch_size=1, warmup_steps=2,
+                           eval_every=5)
+  tx = training.make_optimizer('muon', 0.02, budget, adam_learning_rate=3e-3)
+  params = {'dense': {'kernel': jnp.full((3, 2), 2.0), 'bias': jnp.ones(2)},
+            'conv': {'kernel': jnp.full((2, 2, 1, 3), 4.0)},
+            'pos': jnp.ones((4, 3))}
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for t in range(3):
+    updates, state = tx.update(zeros, state, params)
+    warm = min(t / 2, 1.0)  # the warmup's fraction of the peak at step t
+    wd = training.MUON_HPARAMS['weight_decay']
+    adam_wd = training.MUON_HPARAMS['adam_weight_decay']
+    np.testing.assert_allclose(updates['dense']['kernel'],
+                               -0.02 * warm * wd * 2.0, rtol=1e-5)
+    np.testing.assert_allclose(updates['conv']['kernel'],
+                               -3e-3 * warm * adam_wd * 4.0, rtol=1e-5)
+    np.testing.assert_array_equal(updates['dense']['bias'], 0.0)
+    np.testing.assert_array_equal(updates['pos'], 0.0)
+
+
+def test_two_rate_optimizers_need_their_adam_rate():
+  budget = training.Budget(steps=10, batch_size=1, warmup_steps=2,
+                           eval_every=5)
+  with pytest.raises(ValueError, match='adam_learning_rate is needed'):
+    training.make_optimizer('muon', 0.02, budget)
+  with pytest.raises(ValueError, match='adam_learning_rate is needed'):
+    training.make_optimizer('adamw', 3e-3, budget, adam_learning_rate=1e-3)
+  with pytest.raises(ValueError, match='needs `layers`'):
+    training.make_optimizer('mac_adamw', 0.1, budget, adam_learning_rate=1e-3)
+
+
+def test_sweep_of_a_two_rate_optimizer_is_the_product_grid(monkeypatch):
+  calls = []
+
+  def fake_train(task, name, lr, budget, seed, progress, first_layer=False,
+                 adam_learning_rate=None):
+    calls.append((name, lr, adam_learning_rate))
+    history = _history(name, lr, [0.0, 0.5 + lr + (adam_learning_rate or 0)])
+    history.adam_learning_rate = adam_learning_rate
+    return history
+
+  monkeypatch.setattr(training, 'train', fake_train)
+  results = training.sweep(None, {'muon': (0.01, 0.02), 'sgd': (0.1,)},
+                           None, adam_grids={'muon': (1e-3, 3e-3)})
+  assert calls == [('muon', 0.01, 1e-3), ('muon', 0.01, 3e-3),
+                   ('muon', 0.02, 1e-3), ('muon', 0.02, 3e-3),
+                   ('sgd', 0.1, None)]
+  best = training.best_learning_rate(results['muon'])
+  assert (best.learning_rate, best.adam_learning_rate) == (0.02, 3e-3)
+  assert '**0.02 / 0.003: 52.30**' in report.sweep_table(results)
+  with pytest.raises(ValueError, match='give its Adam grid'):
+    training.sweep(None, {'muon': (0.01,)}, None)
+
+
+def test_a_failed_optimizer_is_a_row_with_its_error():
+  failed = training.History(task='t', optimizer='kfac', learning_rate=0.03,
+                            seed=0, metric='accuracy', eval_name='test',
+                            error='ValueError: no curvature block for x')
+  runs = {'mac': [_history('mac', 0.3, [0.1, 0.8])], 'kfac': [failed]}
+  table = report.results_table(runs).splitlines()
+  assert table[3] == ('| K-FAC | 0.03 | failed: ValueError: no curvature'
+                      ' block for x | — | — | — | 0/1 |')
+  # The target ignores it; its row says it failed.
+  assert report.default_target(runs) == pytest.approx(0.8)
+  assert report.time_to_target_table(runs).splitlines()[3] == (
+      '| K-FAC | failed | failed | 0/1 |')
+  assert training.best_learning_rate([failed, runs['mac'][0]]) is (
+      runs['mac'][0])
+  fig = plots.make_figure(runs, 'x')
+  assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+      'MAC (lr 0.3)']

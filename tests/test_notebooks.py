@@ -63,14 +63,51 @@ def _table_rows(markdown):
           if line.startswith('| ')][1:]
 
 
-def test_notebooks_are_saved_without_outputs():
-  # Outputs belong to a run, not to the repository.
-  for path in sorted(NOTEBOOKS.glob('*.ipynb')):
+def _saved_text(notebook):
+  """Everything the saved outputs show as text."""
+  texts = []
+  for cell in notebook.cells:
+    for output in cell.get('outputs', ()):
+      texts.append(output.get('text', ''))
+      texts.extend(value for mime, value in output.get('data', {}).items()
+                   if not mime.startswith('image/'))
+      texts.extend(output.get('traceback', ()))
+  return '\n'.join(texts)
+
+
+# What each notebook prints only at its full size (the tiny size trains on
+# 2,048 images or 300,000 characters).
+_FULL_RUN_SHOWS = {
+    'quickstart': 'train (60000, 28, 28, 1) test (10000, 28, 28, 1)',
+    'language_model': '4,804,416 training and 252,864 test characters',
+}
+
+
+def test_notebooks_are_saved_with_the_outputs_of_a_full_run():
+  # On GitHub and in the docs (which do not execute them) readers see the
+  # plots and tables of a full run.
+  paths = sorted(NOTEBOOKS.glob('*.ipynb'))
+  assert [p.stem for p in paths] == sorted(_FULL_RUN_SHOWS)
+  for path in paths:
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
-    for cell in notebook.cells:
-      if cell.cell_type == 'code':
-        assert not cell.outputs and cell.execution_count is None, path.name
+    badge = notebook.cells[0]
+    assert badge.cell_type == 'markdown', path.name
+    assert 'colab.research.google.com/assets/colab-badge.svg' in badge.source
+    assert badge.source.endswith(f'/blob/main/notebooks/{path.name})')
+    code = [cell for cell in notebook.cells if cell.cell_type == 'code']
+    # Executed top to bottom in one kernel, without errors.
+    assert [c.execution_count for c in code] == list(
+        range(1, len(code) + 1)), path.name
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == 'error'], path.name
+    assert any('image/png' in o.get('data', {}) for o in outputs), path.name
+    text = _saved_text(notebook)
+    assert _FULL_RUN_SHOWS[path.stem] in text, path.name
+    for machine_path in ('/work', '/tmp', '/root', '/home', 'site-packages'):
+      assert machine_path not in text, (path.name, machine_path)
+    # Progress bars are saved in their final state only.
+    assert '\r' not in text, path.name
 
 
 def test_quickstart_notebook(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """mac_optax inside optax's combinators and under jit."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,8 +58,8 @@ def _run(tx, problem, steps=4, **extra):
 
 
 def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol,
-                                                       atol=atol), a, b)
+  # chex also checks that the structures and leaf shapes agree.
+  chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 def test_mac_alias_equals_its_optax_chain_and_trains(problem):
@@ -158,7 +159,21 @@ def test_partition_mac_layers_and_adamw_for_the_rest(problem):
   adamw = optax.adamw(1e-3)
   expected_norm, _ = adamw.update(grads, adamw.init(params), params)
   _assert_trees_close(updates['norm'], expected_norm['norm'])
-  del params_partition
+  # Over several steps: the twin runs MAC and AdamW on the whole tree and
+  # takes each leaf's update from the optimizer its label names.
+  def twin_update(grads, state, params, mac_stats):
+    mac_updates, mac_state = mac_only.update(grads, state[0], params,
+                                             mac_stats=mac_stats)
+    adamw_updates, adamw_state = adamw.update(grads, state[1], params)
+    updates = jax.tree.map(lambda label, m, a: m if label == 'mac' else a,
+                           labels, mac_updates, adamw_updates)
+    return updates, (mac_state, adamw_state)
+
+  twin = optax.GradientTransformationExtraArgs(
+      lambda params: (mac_only.init(params), adamw.init(params)), twin_update)
+  params_twin, _, twin_losses = _run(twin, problem)
+  _assert_trees_close(params_partition, params_twin)
+  np.testing.assert_allclose(losses, twin_losses, rtol=1e-6)
 
 
 def test_apply_if_finite_skips_nonfinite_steps(problem):

@@ -1,5 +1,6 @@
 """scale_by_mac against the dense reference preconditioner and timeline."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -97,10 +98,21 @@ def test_dense_identity_of_rank_one_form():
   """P = λ (ââᵀ + λI)⁻¹ with eigenvalues 1 and λ/(λ+‖â‖²) (spec §4.2)."""
   rng = np.random.default_rng(0)
   mean, damping = rng.normal(size=7), 0.3
+  inverse = np.linalg.inv(np.outer(mean, mean) + damping * np.eye(7))
   p = oracles.preconditioner_matrix(mean, damping)
-  np.testing.assert_allclose(
-      p, damping * np.linalg.inv(np.outer(mean, mean) + damping * np.eye(7)),
-      rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(p, damping * inverse, rtol=1e-10, atol=1e-12)
+  # With the identity as the gradient (6 kernel rows, the bias as the 7th)
+  # MAC's first update is its preconditioner matrix itself.
+  params, layers = _dense_setup(features_in=6, features_out=7)
+  identity = np.eye(7, dtype=np.float32)
+  grads = {'kernel': jnp.asarray(identity[:6]),
+           'bias': jnp.asarray(identity[6])}
+  stats = {'mean_input': jnp.asarray(mean, jnp.float32)}
+  for scale, expected in (('reference', p), ('exact', inverse)):
+    tx = mac_optax.scale_by_mac(layers, damping=damping, scale=scale)
+    updates, _ = tx.update(grads, tx.init(params), params, mac_stats=stats)
+    matrix = np.concatenate([updates['kernel'], updates['bias'][None]], axis=0)
+    np.testing.assert_allclose(matrix, expected, rtol=1e-5, atol=1e-6)
   eigenvalues = np.sort(np.linalg.eigvalsh(p))
   np.testing.assert_allclose(eigenvalues[0], damping / (damping + mean @ mean))
   np.testing.assert_allclose(eigenvalues[1:], 1.0)
@@ -187,8 +199,7 @@ def test_bf16_params_keep_dtype_and_fp32_state():
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
   mac_state = new_state[0]
   assert mac_state.mean_input_ema['mean_input'].dtype == jnp.float32
-  assert jax.tree.map(lambda x: x.dtype, new_state) == jax.tree.map(
-      lambda x: x.dtype, state)
+  chex.assert_trees_all_equal_dtypes(new_state, state)
   grads32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
   weight, bias = oracles.precondition_torch(
       np.asarray(grads32['kernel'], np.float64).T,
@@ -198,7 +209,11 @@ def test_bf16_params_keep_dtype_and_fp32_state():
                              -0.1 * (weight.T + 5e-4 * np.asarray(
                                  params['kernel'], np.float32)),
                              rtol=2e-2, atol=1e-3)
-  del bias
+  # No weight-decay mask: the bias decays too.
+  np.testing.assert_allclose(np.asarray(updates['bias'], np.float32),
+                             -0.1 * (bias + 5e-4 * np.asarray(
+                                 params['bias'], np.float32)),
+                             rtol=2e-2, atol=1e-3)
 
 
 # --------------------------------------------------------------------------

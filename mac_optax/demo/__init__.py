@@ -1,4 +1,5 @@
-"""MAC against AdamW and SGD-momentum on Fashion-MNIST and Shakespeare.
+"""MAC and its presets against AdamW, SGD-momentum, Muon and K-FAC on
+Fashion-MNIST and Shakespeare.
 
 Run ``python -m mac_optax.demo --help``. The pieces are importable too (the
 notebooks use them): data loaders, Flax models, tasks, the training loop and

@@ -1,4 +1,5 @@
-"""``python -m mac_optax.demo``: MAC vs AdamW vs SGD-momentum on real data.
+"""``python -m mac_optax.demo``: MAC and its presets against AdamW,
+SGD-momentum, Muon and K-FAC on real data.
 
 Trains one model with each optimizer under the same budget and prints a
 markdown table (final test metric, final train loss, wall-clock, steps/s; mean
@@ -21,6 +22,7 @@ from typing import Sequence
 import jax
 
 from mac_optax.demo import data as data_lib
+from mac_optax.demo import kfac as kfac_lib
 from mac_optax.demo import report
 from mac_optax.demo import tasks as tasks_lib
 from mac_optax.demo import training as train_lib
@@ -30,8 +32,11 @@ from mac_optax.demo import training as train_lib
 class Defaults:
   """A model's default size, budget and learning rates.
 
-  ``learning_rates`` were chosen by ``--sweep`` (held-out split of the
-  training set) at exactly this size and budget.
+  ``learning_rates`` (and ``adam_learning_rates``, the second rate of the
+  optimizers in ``training.TWO_RATES``) were chosen by ``--sweep`` (held-out
+  split of the training set) at exactly this size and budget, except where
+  the README says otherwise. Their keys are the optimizers a plain run
+  trains.
   """
 
   dataset: str
@@ -47,35 +52,78 @@ class Defaults:
   first_layer: bool
   learning_rates: dict[str, float]
   grids: dict[str, tuple[float, ...]]
+  adam_learning_rates: dict[str, float] = dataclasses.field(
+      default_factory=dict)
+  adam_grids: dict[str, tuple[float, ...]] = dataclasses.field(
+      default_factory=dict)
 
 
 _SGD_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 _ADAMW_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-_GRIDS = {'mac': _SGD_GRID, 'adamw': _ADAMW_GRID, 'sgd': _SGD_GRID}
+_MUON_GRID = (0.01, 0.02, 0.05)
+_KFAC_GRID = (0.01, 0.03, 0.1)
+_GRIDS = {'mac': _SGD_GRID, 'mac_adamw': _SGD_GRID, 'pre_muon': _MUON_GRID,
+          'pre_adamw': _ADAMW_GRID, 'adamw': _ADAMW_GRID, 'sgd': _SGD_GRID,
+          'muon': _MUON_GRID, 'kfac': _KFAC_GRID}
+
+
+def _with_peers(mac: float, adamw: float, sgd: float, muon: float,
+                kfac: float, mac_adamw: float | None = None,
+                pre_muon: float | None = None,
+                pre_adamw: float | None = None) -> dict[str, float]:
+  """Every optimizer's peak rate; a preset defaults to its parts' rates."""
+  return {'mac': mac,
+          'mac_adamw': mac if mac_adamw is None else mac_adamw,
+          'pre_muon': muon if pre_muon is None else pre_muon,
+          'pre_adamw': adamw if pre_adamw is None else pre_adamw,
+          'adamw': adamw, 'sgd': sgd, 'muon': muon, 'kfac': kfac}
+
+
+def _adam_rates(adamw: float, muon: float | None = None) -> dict[str, float]:
+  """The Adam parts' rates: AdamW's tuned rate unless swept otherwise."""
+  muon = adamw if muon is None else muon
+  return {'mac_adamw': adamw, 'pre_muon': muon, 'muon': muon}
+
+
+def _adam_grids(adamw: float) -> dict[str, tuple[float, ...]]:
+  """Adam-part grids: AdamW's tuned rate and a third of it."""
+  return {name: (adamw / 3, adamw) for name in ('mac_adamw', 'pre_muon',
+                                                 'muon')}
 
 DEFAULTS = {
     'vit': Defaults('fashion_mnist', width=64, depth=2, heads=4, patch=7,
                     context=0, batch_size=128, epochs=4, steps=None, evals=12,
                     first_layer=False,
-                    learning_rates={'mac': 0.03, 'adamw': 3e-3, 'sgd': 0.03},
-                    grids=_GRIDS),
+                    learning_rates=_with_peers(
+                        mac=0.03, adamw=3e-3, sgd=0.03, muon=0.02, kfac=0.03),
+                    grids=_GRIDS, adam_learning_rates=_adam_rates(3e-3),
+                    adam_grids=_adam_grids(3e-3)),
     'cnn': Defaults('fashion_mnist', width=16, depth=3, heads=0, patch=0,
                     context=0, batch_size=128, epochs=2, steps=None, evals=12,
                     first_layer=False,
-                    learning_rates={'mac': 0.3, 'adamw': 0.03, 'sgd': 0.3},
-                    grids=_GRIDS),
+                    learning_rates=_with_peers(
+                        mac=0.3, adamw=0.03, sgd=0.3, muon=0.02, kfac=0.03),
+                    grids=_GRIDS, adam_learning_rates=_adam_rates(0.03),
+                    adam_grids=_adam_grids(0.03)),
     'gpt': Defaults('shakespeare', width=64, depth=2, heads=4, patch=0,
                     context=64, batch_size=32, epochs=None, steps=1000,
                     evals=10, first_layer=False,
-                    learning_rates={'mac': 1.0, 'adamw': 0.01, 'sgd': 1.0},
-                    grids=_GRIDS),
+                    learning_rates=_with_peers(
+                        mac=1.0, adamw=0.01, sgd=1.0, muon=0.02, kfac=0.03),
+                    grids=_GRIDS, adam_learning_rates=_adam_rates(0.01),
+                    adam_grids=_adam_grids(0.01)),
     'bert': Defaults('shakespeare', width=64, depth=2, heads=4, patch=0,
                      context=64, batch_size=128, epochs=None, steps=700,
                      evals=10, first_layer=False,
-                     learning_rates={'mac': 0.3, 'adamw': 0.01, 'sgd': 0.3},
-                     grids=_GRIDS),
+                     learning_rates=_with_peers(
+                         mac=0.3, adamw=0.01, sgd=0.3, muon=0.02, kfac=0.03),
+                     grids=_GRIDS, adam_learning_rates=_adam_rates(0.01),
+                     adam_grids=_adam_grids(0.01)),
 }
 SWEEP_EVALS = 4
+# A plain run's optimizers: K-FAC (over 100x SGD's step time on the CNN on a
+# CPU) and the preconditioned_* compositions are asked for by --optimizers.
+DEFAULT_OPTIMIZERS = ('mac', 'mac_adamw', 'muon', 'adamw', 'sgd')
 _LABELS = {'vit': 'ViT', 'cnn': 'CNN', 'gpt': 'GPT', 'bert': 'BERT',
            'fashion_mnist': 'Fashion-MNIST', 'digits': 'digits',
            'shakespeare': 'Shakespeare'}
@@ -84,42 +132,59 @@ HOLDOUT_IMAGES = 10_000
 HOLDOUT_TEXT_FRACTION = 0.05
 
 
-def _float_map(text: str) -> dict[str, float]:
+def _float_map(text: str, names=train_lib.OPTIMIZERS) -> dict[str, float]:
   """``'mac=0.3,adamw=3e-3'`` -> ``{'mac': 0.3, 'adamw': 0.003}``."""
   out = {}
   for item in filter(None, text.split(',')):
     name, _, value = item.partition('=')
-    if name not in train_lib.OPTIMIZERS or not value:
+    if name not in names or not value:
       raise argparse.ArgumentTypeError(
-          f'expected optimizer=value with optimizer in'
-          f' {train_lib.OPTIMIZERS}, got {item!r}')
+          f'expected optimizer=value with optimizer in {names}, got {item!r}')
     out[name] = float(value)
   return out
 
 
-def _grid_map(text: str) -> dict[str, tuple[float, ...]]:
+def _grid_map(text: str, names=train_lib.OPTIMIZERS
+              ) -> dict[str, tuple[float, ...]]:
   """``'mac=0.1:0.3,sgd=0.1'`` -> ``{'mac': (0.1, 0.3), 'sgd': (0.1,)}``."""
   out = {}
   for item in filter(None, text.split(',')):
     name, _, values = item.partition('=')
-    if name not in train_lib.OPTIMIZERS or not values:
+    if name not in names or not values:
       raise argparse.ArgumentTypeError(
-          f'expected optimizer=lr:lr:... , got {item!r}')
+          f'expected optimizer=lr:lr:... with optimizer in {names}, got'
+          f' {item!r}')
     out[name] = tuple(float(v) for v in values.split(':'))
   return out
 
 
+def _adam_float_map(text: str) -> dict[str, float]:
+  return _float_map(text, train_lib.TWO_RATES)
+
+
+def _adam_grid_map(text: str) -> dict[str, tuple[float, ...]]:
+  return _grid_map(text, train_lib.TWO_RATES)
+
+
 def _defaults_help() -> str:
-  lines = ['defaults per model (learning rates from --sweep):']
+  lines = ['defaults per model (peak learning rates; the README says which'
+           ' came from --sweep):']
   for name, d in DEFAULTS.items():
     size = (f'width {d.width}, depth {d.depth}'
             + (f', {d.heads} heads' if d.heads else '')
             + (f', patch {d.patch}' if d.patch else '')
             + (f', context {d.context}' if d.context else ''))
     budget = (f'{d.epochs:g} epochs' if d.epochs else f'{d.steps} steps')
-    lrs = ', '.join(f'{k}={v:g}' for k, v in d.learning_rates.items())
+    lrs = ', '.join(
+        f'{k}={v:g}' + (f'/{d.adam_learning_rates[k]:g}'
+                        if k in d.adam_learning_rates else '')
+        for k, v in d.learning_rates.items())
     lines.append(f'  {name}: {d.dataset}; {size}; batch {d.batch_size},'
                  f' {budget}; {lrs}')
+  lines.append('  (rate/rate: the optimizer\'s own rate / its Adam part\'s)')
+  labels = ', '.join(f'{k} ({v})'
+                     for k, v in train_lib.OPTIMIZER_LABELS.items())
+  lines.append(f'optimizers: {labels}')
   return '\n'.join(lines)
 
 
@@ -137,8 +202,11 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--data-dir', help='Fashion-MNIST folder (default:'
                  f' ${data_lib.FASHION_MNIST_ENV}, then'
                  f' {data_lib.FASHION_MNIST_DEBIAN_DIR})')
-  p.add_argument('--optimizers', default=','.join(train_lib.OPTIMIZERS),
-                 help='comma-separated subset of mac,adamw,sgd')
+  p.add_argument('--optimizers',
+                 help='comma-separated subset of'
+                 f' {",".join(train_lib.OPTIMIZERS)} (default:'
+                 f' {",".join(DEFAULT_OPTIMIZERS)}; K-FAC, slow on a CPU,'
+                 ' shows its error where it cannot run the model)')
   p.add_argument('--seeds', type=int, default=1,
                  help='runs per optimizer (seeds 0..N-1): mean ± std')
   p.add_argument('--epochs', type=float,
@@ -154,6 +222,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--lr', type=_float_map, default={},
                  help='peak learning rates, e.g. mac=0.3,adamw=3e-3'
                  " (default: the model's, below)")
+  p.add_argument('--adam-lr', type=_adam_float_map, default={},
+                 help='peak Adam rates of the two-rate optimizers, e.g.'
+                 ' muon=3e-3,mac_adamw=1e-2 (default: the model\'s)')
   p.add_argument('--first-layer', action=argparse.BooleanOptionalAction,
                  help="MAC: the reference's exact first-layer factor, from"
                  " one pass over the training images (default: the model's)")
@@ -170,6 +241,9 @@ def parser() -> argparse.ArgumentParser:
                  ' training set instead of training on all of it')
   p.add_argument('--grid', type=_grid_map, default={},
                  help='sweep grids, e.g. mac=0.1:0.3:1,adamw=1e-3:3e-3')
+  p.add_argument('--adam-grid', type=_adam_grid_map, default={},
+                 help='Adam-rate grids of the two-rate optimizers, e.g.'
+                 ' muon=1e-3:3e-3; they sweep the product of both grids')
   p.add_argument('--target', type=float, help='time-to-target level (accuracy'
                  ' in %% or loss; default: the weakest final mean)')
   p.add_argument('--out', default='mac_optax_demo',
@@ -244,7 +318,9 @@ def make_budget(steps: int, batch_size: int, evals: int) -> train_lib.Budget:
 
 def compare(task: tasks_lib.Task, learning_rates: dict[str, float],
             budget: train_lib.Budget, seeds: int = 1, progress: bool = True,
-            first_layer: bool = False) -> dict[str, list[train_lib.History]]:
+            first_layer: bool = False,
+            adam_learning_rates: dict[str, float] | None = None,
+            ) -> dict[str, list[train_lib.History]]:
   """Trains each optimizer for each seed; ``{optimizer: [History]}``.
 
   Seeds run in the outer loop, so an interrupted run has every optimizer at
@@ -257,15 +333,19 @@ def compare(task: tasks_lib.Task, learning_rates: dict[str, float],
     seeds: runs per optimizer, seeds ``0 .. seeds - 1``.
     progress: tqdm bars.
     first_layer: MAC's first-layer factor (see ``training.train``).
+    adam_learning_rates: ``{optimizer: peak Adam rate}`` for the optimizers
+      in ``training.TWO_RATES``.
 
   Returns:
     ``{optimizer: [History per seed]}``.
   """
+  adam_learning_rates = adam_learning_rates or {}
   runs = {name: [] for name in learning_rates}
   for seed in range(seeds):
     for name, lr in learning_rates.items():
-      runs[name].append(train_lib.train(task, name, lr, budget, seed, progress,
-                                        first_layer=first_layer))
+      runs[name].append(train_lib.train(
+          task, name, lr, budget, seed, progress, first_layer=first_layer,
+          adam_learning_rate=adam_learning_rates.get(name)))
   return runs
 
 
@@ -293,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     jax.config.update('jax_platforms', args.device)
 
   defaults, config = _configure(args)
-  optimizers = [o for o in args.optimizers.split(',') if o]
+  optimizers = ([o for o in args.optimizers.split(',') if o]
+                if args.optimizers else list(DEFAULT_OPTIMIZERS))
   unknown = set(optimizers) - set(train_lib.OPTIMIZERS)
   if unknown:
     raise SystemExit(f'unknown optimizers {sorted(unknown)}; choose from'
@@ -328,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 mac_hparams=train_lib.MAC_HPARAMS,
                 sgd_hparams=train_lib.SGD_HPARAMS,
                 adamw_hparams=train_lib.ADAMW_HPARAMS,
+                muon_hparams=train_lib.MUON_HPARAMS,
+                kfac_hparams=kfac_lib.KFAC_HPARAMS,
                 device=jax.devices()[0].device_kind,
                 platform=jax.devices()[0].platform, jax=jax.__version__)
   os.makedirs(args.out, exist_ok=True)
@@ -340,20 +423,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
   start = time.perf_counter()
   if args.sweep:
     grids = {o: args.grid.get(o, defaults.grids[o]) for o in optimizers}
-    config['grids'] = grids
+    adam_grids = {o: args.adam_grid.get(o, defaults.adam_grids[o])
+                  for o in optimizers if o in train_lib.TWO_RATES}
+    config.update(grids=grids, adam_grids=adam_grids)
     runs = train_lib.sweep(task, grids, budget, seed=0,
                            progress=not args.no_progress,
-                           first_layer=first_layer)
-    best = {o: train_lib.best_learning_rate(h).learning_rate
-            for o, h in runs.items()}
-    config['best'] = best
+                           first_layer=first_layer, adam_grids=adam_grids)
+    chosen = {o: train_lib.best_learning_rate(h) for o, h in runs.items()}
+    config['best'] = {o: h.learning_rate for o, h in chosen.items()}
+    config['best_adam'] = {o: h.adam_learning_rate for o, h in chosen.items()
+                           if h.adam_learning_rate is not None}
     print('\n' + report.sweep_table(runs))
-    print('\nchosen: ' + ', '.join(f'{o}={lr:g}' for o, lr in best.items()))
+    print('\nchosen: ' + ', '.join(f'{o}={h.rates.replace(" ", "")}'
+                                   for o, h in chosen.items()))
   else:
     lrs = {o: args.lr.get(o, defaults.learning_rates[o]) for o in optimizers}
-    config['learning_rates'] = lrs
+    adam_lrs = {o: args.adam_lr.get(o, defaults.adam_learning_rates[o])
+                for o in optimizers if o in train_lib.TWO_RATES}
+    config.update(learning_rates=lrs, adam_learning_rates=adam_lrs)
     runs = compare(task, lrs, budget, args.seeds,
-                   progress=not args.no_progress, first_layer=first_layer)
+                   progress=not args.no_progress, first_layer=first_layer,
+                   adam_learning_rates=adam_lrs)
     target = args.target
     if target is not None and task.metric == 'accuracy':
       target /= 100.0

@@ -9,7 +9,9 @@ import numpy as np
 from mac_optax.demo import training as train_lib
 
 DPI = 110
-COLORS = {'mac': 'tab:red', 'adamw': 'tab:blue', 'sgd': 'tab:green'}
+COLORS = {'mac': 'tab:red', 'adamw': 'tab:blue', 'sgd': 'tab:green',
+          'mac_adamw': 'tab:orange', 'pre_muon': 'tab:pink',
+          'pre_adamw': 'tab:brown', 'muon': 'tab:purple', 'kfac': 'tab:gray'}
 
 
 def _band(ax, x, values, color, label):
@@ -31,13 +33,18 @@ def make_figure(runs: Mapping[str, Sequence[train_lib.History]],
   optimizer's mean over seeds at each evaluation.
 
   Args:
-    runs: ``{optimizer: [History per seed]}``, all of one task.
+    runs: ``{optimizer: [History per seed]}``, all of one task. Runs that
+      failed (``History.error``) have no curves and are left out.
     title: figure title.
 
   Returns:
     The ``matplotlib.figure.Figure`` (not shown; close it when done).
   """
   from matplotlib import figure  # pylint: disable=g-import-not-at-top
+
+  runs = {name: [h for h in histories if not h.error]
+          for name, histories in runs.items()}
+  runs = {name: histories for name, histories in runs.items() if histories}
 
   first = next(iter(runs.values()))[0]
   scale = 100.0 if first.metric == 'accuracy' else 1.0
@@ -48,7 +55,7 @@ def make_figure(runs: Mapping[str, Sequence[train_lib.History]],
   for name, histories in runs.items():
     color = COLORS.get(name)
     label = (f'{train_lib.OPTIMIZER_LABELS[name]} '
-             f'(lr {histories[0].learning_rate:g})')
+             f'(lr {histories[0].rates})')
     steps = np.asarray(histories[0].steps)
     seconds = np.mean([h.seconds for h in histories], axis=0)
     curves = [scale * np.asarray(h.curve) for h in histories]

@@ -59,9 +59,15 @@ def results_table(runs: Runs) -> str:
             'final train loss', 'train s', 'steps/s', 'seeds')
   rows = []
   for name, histories in runs.items():
+    failed = [h for h in histories if h.error]
+    if failed:
+      rows.append((train_lib.OPTIMIZER_LABELS[name], histories[0].rates,
+                   f'failed: {failed[0].error}', '—', '—', '—',
+                   f'0/{len(histories)}'))
+      continue
     rows.append((
         train_lib.OPTIMIZER_LABELS[name],
-        f'{histories[0].learning_rate:g}',
+        histories[0].rates,
         mean_spread([scale * h.final for h in histories], fmt),
         mean_spread([h.train_loss[-1] for h in histories], '.3f'),
         mean_spread([h.train_seconds for h in histories], '.0f'),
@@ -84,8 +90,12 @@ def reached(history: History, target: float) -> tuple[float, float]:
 
 
 def default_target(runs: Runs) -> float:
-  """The weakest optimizer's mean final metric: a level every one reaches."""
-  finals = [np.mean([h.final for h in hs]) for hs in runs.values()]
+  """The weakest optimizer's mean final metric: a level every one reaches.
+
+  Optimizers that failed to run (``History.error``) do not count.
+  """
+  finals = [np.mean([h.final for h in hs]) for hs in runs.values()
+            if not any(h.error for h in hs)]
   metric = next(iter(runs.values()))[0].metric
   return float(min(finals) if metric == 'accuracy' else max(finals))
 
@@ -108,6 +118,10 @@ def time_to_target_table(runs: Runs, target: float | None = None) -> str:
   sign = '≥' if first.metric == 'accuracy' else '≤'
   rows = []
   for name, histories in runs.items():
+    if any(h.error for h in histories):
+      rows.append((train_lib.OPTIMIZER_LABELS[name], 'failed', 'failed',
+                   f'0/{len(histories)}'))
+      continue
     hits = [reached(h, target) for h in histories]
     done = [hit for hit in hits if math.isfinite(hit[0])]
     rows.append((
@@ -137,8 +151,11 @@ def sweep_table(results: Runs) -> str:
     best = train_lib.best_learning_rate(histories)
     cells = []
     for h in histories:
-      cell = f'{h.learning_rate:g}: {format(scale * h.final, fmt)}'
+      value = (f'failed ({h.error})' if h.error
+               else format(scale * h.final, fmt))
+      cell = f'{h.rates}: {value}'
       cells.append(f'**{cell}**' if h is best else cell)
     rows.append((train_lib.OPTIMIZER_LABELS[name], ', '.join(cells)))
-  header = ('optimizer', f'lr: final {first.eval_name} {first.metric}')
+  header = ('optimizer', f'lr (/ Adam lr): final {first.eval_name}'
+            f' {first.metric}')
   return markdown_table(header, rows)

@@ -3,7 +3,11 @@
 Every optimizer gets the same steps, batches (same seed, same order), warmup +
 cosine schedule and weight-decay mask; only the update rule and its learning
 rate differ. SGD-momentum is MAC's own chain without the preconditioner, so
-the two differ by preconditioning alone.
+the two differ by preconditioning alone. Besides MAC (``mac``), its presets
+``mac_adamw`` (MAC on the layers it preconditions, AdamW on the rest) and
+``pre_muon`` / ``pre_adamw`` (MAC's preconditioner in front of Muon / AdamW)
+run against AdamW, SGD-momentum, ``optax.contrib.muon`` and K-FAC
+(``kfac-jax``).
 """
 
 from __future__ import annotations
@@ -23,14 +27,27 @@ import mac_optax
 from mac_optax.demo import models
 from mac_optax.demo import tasks as tasks_lib
 
-OPTIMIZERS = ('mac', 'adamw', 'sgd')
-OPTIMIZER_LABELS = {'mac': 'MAC', 'adamw': 'AdamW', 'sgd': 'SGD-momentum'}
+OPTIMIZERS = ('mac', 'mac_adamw', 'pre_muon', 'pre_adamw', 'adamw', 'sgd',
+              'muon', 'kfac')
+OPTIMIZER_LABELS = {'mac': 'MAC', 'mac_adamw': 'MAC + AdamW',
+                    'pre_muon': 'MAC → Muon', 'pre_adamw': 'MAC → AdamW',
+                    'adamw': 'AdamW', 'sgd': 'SGD-momentum', 'muon': 'Muon',
+                    'kfac': 'K-FAC'}
+# The optimizers that capture MAC's statistics.
+MAC_FAMILY = ('mac', 'mac_adamw', 'pre_muon', 'pre_adamw')
+# The optimizers with a second, Adam learning rate (Muon's convention: Adam on
+# the parameters the first part does not take).
+TWO_RATES = ('mac_adamw', 'pre_muon', 'muon')
 # The authors' DeiT setting (weight decay 1e-4 is decoupled, as in their
 # ImageNet code); only the learning rate is tuned per task.
 MAC_HPARAMS = dict(momentum=0.9, damping=3.0, stat_decay=0.99, t_cov=5,
                    t_inv=5, weight_decay=1e-4)
 SGD_HPARAMS = dict(momentum=0.9, weight_decay=1e-4)
 ADAMW_HPARAMS = dict(b1=0.9, b2=0.999, weight_decay=0.05)
+# optax.contrib.muon's defaults (momentum 0.95, Nesterov, Adam for what is not
+# a matrix), with AdamW's decoupled weight decay in both parts.
+MUON_HPARAMS = dict(beta=0.95, weight_decay=0.05, adam_b1=0.9, adam_b2=0.999,
+                    adam_weight_decay=0.05)
 # Parameters that never decay, besides every vector (biases, norm scales).
 NO_DECAY_NAMES = ('pos', 'cls')
 
@@ -62,7 +79,7 @@ class History:
 
   Attributes:
     task: task name.
-    optimizer: ``'mac'``, ``'adamw'`` or ``'sgd'``.
+    optimizer: a name in ``OPTIMIZERS``.
     learning_rate: peak learning rate.
     seed: init and data-order seed.
     metric: the eval metric (``'accuracy'`` or ``'loss'``).
@@ -79,6 +96,10 @@ class History:
     examples: rows trained on.
     params: number of parameters.
     device: the device kind trained on.
+    adam_learning_rate: the peak Adam learning rate of the optimizers in
+      ``TWO_RATES``; None for the others.
+    error: why the optimizer could not train this model (then the curves
+      are empty), e.g. K-FAC on a layer kind it does not support.
   """
 
   task: str
@@ -97,6 +118,8 @@ class History:
   examples: int = 0
   params: int = 0
   device: str = ''
+  adam_learning_rate: float | None = None
+  error: str = ''
 
   @property
   def curve(self) -> list[float]:
@@ -105,15 +128,24 @@ class History:
 
   @property
   def final(self) -> float:
-    return self.curve[-1]
+    return self.curve[-1] if self.curve else math.nan
 
   @property
   def train_seconds(self) -> float:
-    return self.seconds[-1]
+    return self.seconds[-1] if self.seconds else math.nan
 
   @property
   def steps_per_second(self) -> float:
+    if not self.steps:
+      return math.nan
     return self.steps[-1] / max(self.seconds[-1], 1e-9)
+
+  @property
+  def rates(self) -> str:
+    """The peak learning rate(s): ``'0.02'``, or ``'0.02 / 0.003'`` (Adam's)."""
+    if self.adam_learning_rate is None:
+      return f'{self.learning_rate:g}'
+    return f'{self.learning_rate:g} / {self.adam_learning_rate:g}'
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -132,30 +164,119 @@ def decay_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def decoupled_weight_decay(schedule, rate: float,
+                           mask) -> optax.GradientTransformation:
+  """Adds ``-schedule(t) · rate · θ`` to the masked parameters' updates.
+
+  AdamW's decoupled decay as a transform of its own, for a part of the
+  parameters whose update some other transform already made (Muon's Adam
+  part, whose own decay has no mask).
+  """
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    step = schedule(state.count) * rate
+    decays = mask(params) if callable(mask) else mask
+    updates = jax.tree.map(lambda u, p, d: u - step * p if d else u,
+                           updates, params, decays)
+    return updates, optax.ScaleByScheduleState(
+        count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
+def muon(schedule, adam_schedule, **hparams) -> optax.GradientTransformation:
+  """``optax.contrib.muon`` with the demo's decay mask in both of its parts.
+
+  Muon's convention: matrices (2-D) get Muon with ``schedule``, everything
+  else (biases, norm scales, 3-D attention and 4-D conv kernels) Adam with
+  ``adam_schedule``. Muon's own decay takes a mask; its Adam part's does not,
+  so that decay is added after it (:func:`decoupled_weight_decay`).
+  """
+  hp = {**MUON_HPARAMS, **hparams}
+
+  def adam_decays(params):
+    return jax.tree.map(lambda d, p: bool(d) and np.ndim(p) != 2,
+                        decay_mask(params), params)
+
+  return optax.chain(
+      optax.contrib.muon(
+          schedule, beta=hp['beta'], weight_decay=hp['weight_decay'],
+          weight_decay_mask=decay_mask, adam_b1=hp['adam_b1'],
+          adam_b2=hp['adam_b2'], adam_weight_decay=0.0,
+          adam_learning_rate=adam_schedule),
+      decoupled_weight_decay(adam_schedule, hp['adam_weight_decay'],
+                             adam_decays),
+  )
+
+
+_PRECONDITIONER_KEYS = ('damping', 'stat_decay', 't_cov', 't_inv',
+                        'second_moments')
+
+
 def make_optimizer(name: str, learning_rate: float, budget: Budget,
                    layers: mac_optax.Layers | None = None,
+                   adam_learning_rate: float | None = None,
                    **overrides) -> optax.GradientTransformationExtraArgs:
   """The optimizer ``name`` with the demo's shared schedule and decay mask.
 
   Args:
-    name: ``'mac'``, ``'adamw'`` or ``'sgd'`` (heavy-ball momentum with
-      decoupled weight decay: MAC's chain without the preconditioner).
+    name: one of ``OPTIMIZERS`` but ``'kfac'`` (not an optax transform, see
+      ``demo.kfac``): ``'mac'``; ``'mac_adamw'`` (:func:`mac_optax.mac_adamw`:
+      MAC on the preconditioned layers, AdamW on the rest); ``'pre_muon'``,
+      ``'pre_adamw'`` (:func:`mac_optax.preconditioned` in front of Muon or
+      AdamW, with MAC's damping and statistics settings); ``'adamw'``;
+      ``'sgd'`` (heavy-ball momentum with decoupled weight decay: MAC's chain
+      without the preconditioner); ``'muon'`` (:func:`muon`).
     learning_rate: peak learning rate.
     budget: gives the schedule's length and warmup.
-    layers: MAC's layers (only for ``'mac'``).
-    **overrides: replace entries of ``MAC_HPARAMS``, ``SGD_HPARAMS`` or
-      ``ADAMW_HPARAMS``.
+    layers: MAC's layers (only for the ``MAC_FAMILY``).
+    adam_learning_rate: the peak Adam learning rate, for ``TWO_RATES`` only.
+    **overrides: replace entries of ``MAC_HPARAMS`` (the MAC family),
+      ``SGD_HPARAMS``, ``ADAMW_HPARAMS`` or ``MUON_HPARAMS``.
 
   Returns:
-    The optimizer; ``update`` accepts (and all but MAC ignore) ``mac_stats``.
+    The optimizer; ``update`` accepts (and all but the MAC family ignore)
+    ``mac_stats``.
   """
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, learning_rate, budget.warmup_steps, budget.steps)
+  if name not in OPTIMIZERS or name == 'kfac':
+    raise ValueError(f'unknown optimizer {name!r}; expected one of'
+                     f' {OPTIMIZERS} but kfac.')
+  if (name in TWO_RATES) != (adam_learning_rate is not None):
+    raise ValueError(
+        f'{name}: adam_learning_rate is needed for {TWO_RATES} and only'
+        f' there, got {adam_learning_rate}.')
+  if name in MAC_FAMILY and layers is None:
+    raise ValueError(f'make_optimizer({name!r}) needs `layers`.')
+
+  def schedule_of(peak):
+    return optax.warmup_cosine_decay_schedule(0.0, peak, budget.warmup_steps,
+                                              budget.steps)
+
+  schedule = schedule_of(learning_rate)
+  mac_hp = {**MAC_HPARAMS, **overrides}
+  preconditioner = {k: v for k, v in mac_hp.items()
+                    if k in _PRECONDITIONER_KEYS}
   if name == 'mac':
-    if layers is None:
-      raise ValueError("make_optimizer('mac') needs `layers`.")
     return mac_optax.mac(schedule, layers=layers, weight_decay_mask=decay_mask,
-                         **{**MAC_HPARAMS, **overrides})
+                         **mac_hp)
+  if name == 'mac_adamw':
+    return mac_optax.mac_adamw(
+        schedule, layers=layers,
+        adam_learning_rate=schedule_of(adam_learning_rate),
+        weight_decay_mask=decay_mask, adam_b1=ADAMW_HPARAMS['b1'],
+        adam_b2=ADAMW_HPARAMS['b2'],
+        adam_weight_decay=ADAMW_HPARAMS['weight_decay'], **mac_hp)
+  if name == 'pre_muon':
+    return mac_optax.preconditioned(
+        muon(schedule, schedule_of(adam_learning_rate)), layers=layers,
+        **preconditioner)
+  if name == 'pre_adamw':
+    return mac_optax.preconditioned(
+        optax.adamw(schedule, mask=decay_mask, **ADAMW_HPARAMS),
+        layers=layers, **preconditioner)
   if name == 'sgd':
     hp = {**SGD_HPARAMS, **overrides}
     return optax.chain(
@@ -166,7 +287,7 @@ def make_optimizer(name: str, learning_rate: float, budget: Budget,
   if name == 'adamw':
     return optax.adamw(schedule, mask=decay_mask,
                        **{**ADAMW_HPARAMS, **overrides})
-  raise ValueError(f'unknown optimizer {name!r}; expected one of {OPTIMIZERS}.')
+  return muon(schedule, schedule_of(adam_learning_rate), **overrides)
 
 
 def _weighted_ce(logits, batch):
@@ -256,32 +377,58 @@ def first_layer_moments(task: tasks_lib.Task, params, state, layers,
 
 def train(task: tasks_lib.Task, optimizer: str, learning_rate: float,
           budget: Budget, seed: int = 0, progress: bool = True,
-          first_layer: bool = False, **overrides) -> History:
+          first_layer: bool = False, adam_learning_rate: float | None = None,
+          **overrides) -> History:
   """Trains ``task.model`` with one optimizer and returns its history.
 
   Wall-clock (``History.seconds``) counts training steps, plus MAC's
   first-layer pass if any: the step is compiled before the clock starts and
   evaluations stop it.
 
+  K-FAC, which cannot run every model, returns a :class:`History` whose
+  ``error`` says why (and whose curves are empty) instead of raising.
+
   Args:
     task: what to train.
-    optimizer: ``'mac'``, ``'adamw'`` or ``'sgd'``.
+    optimizer: a name in ``OPTIMIZERS``.
     learning_rate: peak learning rate.
     budget: steps, batch size, schedule and evaluation points.
     seed: parameter init and data order (the same for every optimizer).
     progress: show a tqdm bar.
-    first_layer: MAC only: precondition the first layer with the exact
-      damped inverse of its input second moment (the reference's
+    first_layer: MAC family only: precondition the first layer with the
+      exact damped inverse of its input second moment (the reference's
       ``_configure``), measured by one pass over the training inputs.
-    **overrides: optimizer hyperparameters, see :func:`make_optimizer`.
+    adam_learning_rate: the peak Adam learning rate of ``TWO_RATES``.
+    **overrides: optimizer hyperparameters, see :func:`make_optimizer` (and
+      ``demo.kfac.KFAC_HPARAMS``).
 
   Returns:
     The :class:`History`.
   """
+  if optimizer == 'kfac':
+    try:
+      return _train(task, optimizer, learning_rate, budget, seed, progress,
+                    first_layer, adam_learning_rate, overrides)
+    except Exception as error:  # pylint: disable=broad-except
+      # K-FAC traces the model to find its layers and fails on some; the
+      # tables show why rather than dropping the row.
+      message = ' '.join(str(error).split())
+      return History(task=task.name, optimizer=optimizer,
+                     learning_rate=learning_rate, seed=seed,
+                     metric=task.metric, eval_name=task.eval_name,
+                     device=jax.devices()[0].device_kind,
+                     error=f'{type(error).__name__}: {message}'[:300])
+  return _train(task, optimizer, learning_rate, budget, seed, progress,
+                first_layer, adam_learning_rate, overrides)
+
+
+def _train(task, optimizer, learning_rate, budget, seed, progress,
+           first_layer, adam_learning_rate, overrides) -> History:
+  """:func:`train`, raising on any error."""
   params, state = init(task, seed)
   layers = None
   setup_seconds = 0.0
-  if optimizer == 'mac':
+  if optimizer in MAC_FAMILY:
     layers = mac_optax.find_layers(task.model.apply,
                                    {'params': params, **state}, task.example)
     if first_layer:
@@ -289,17 +436,34 @@ def train(task: tasks_lib.Task, optimizer: str, learning_rate: float,
       overrides['second_moments'] = jax.block_until_ready(first_layer_moments(
           task, params, state, layers, budget.batch_size))
       setup_seconds = time.perf_counter() - start
-  tx = make_optimizer(optimizer, learning_rate, budget, layers, **overrides)
-  opt_state = tx.init(params)
   batches = task.batches(np.random.default_rng(seed), budget.batch_size)
   batch = next(batches)
   start = time.perf_counter()
-  step = jax.jit(make_train_step(task, tx, optimizer == 'mac'),
-                 donate_argnums=(0, 1, 2)).lower(
-                     params, state, opt_state, batch).compile()
+  if optimizer == 'kfac':
+    from mac_optax.demo import kfac  # pylint: disable=g-import-not-at-top
+    kfac_init, step = kfac.make_kfac_step(
+        task, optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, budget.warmup_steps, budget.steps),
+        decay_mask, seed, **overrides)
+    opt_state = kfac_init(params, state, batch)
+    # K-FAC compiles on its first calls (a step that refreshes the inverses
+    # and one that does not): run two on copies, outside the clock, like the
+    # other optimizers' compilation.
+    warm = jax.tree.map(jnp.copy, (params, state, opt_state))
+    for _ in range(2):
+      warm = step(*warm, batch)[:3]
+    jax.block_until_ready(warm)
+  else:
+    tx = make_optimizer(optimizer, learning_rate, budget, layers,
+                        adam_learning_rate, **overrides)
+    opt_state = tx.init(params)
+    step = jax.jit(make_train_step(task, tx, optimizer in MAC_FAMILY),
+                   donate_argnums=(0, 1, 2)).lower(
+                       params, state, opt_state, batch).compile()
   eval_step = make_eval_step(task)
   history = History(
       task=task.name, optimizer=optimizer, learning_rate=learning_rate,
+      adam_learning_rate=adam_learning_rate,
       seed=seed, metric=task.metric, eval_name=task.eval_name,
       compile_seconds=time.perf_counter() - start,
       setup_seconds=setup_seconds,
@@ -318,7 +482,8 @@ def train(task: tasks_lib.Task, optimizer: str, learning_rate: float,
   seconds, done = setup_seconds, 0
   record(0, seconds, [])
   bar = tqdm(total=budget.steps, unit='step', disable=not progress,
-             desc=_run_label(task, optimizer, learning_rate, seed),
+             desc=_run_label(task, optimizer, learning_rate, seed,
+                             adam_learning_rate),
              leave=True, dynamic_ncols=True)
   # Reading the loss waits for the device, so the bar's loss only refreshes
   # now and then.
@@ -351,9 +516,12 @@ def train(task: tasks_lib.Task, optimizer: str, learning_rate: float,
   return history
 
 
-def _run_label(task, optimizer, learning_rate, seed) -> str:
+def _run_label(task, optimizer, learning_rate, seed,
+               adam_learning_rate=None) -> str:
+  adam = ('' if adam_learning_rate is None
+          else f' adam_lr={adam_learning_rate:g}')
   return (f'{task.name} {OPTIMIZER_LABELS[optimizer]} lr={learning_rate:g}'
-          f' seed={seed}')
+          f'{adam} seed={seed}')
 
 
 def _score(history: History) -> float:
@@ -371,7 +539,9 @@ def best_learning_rate(histories: Iterable[History]) -> History:
 
 def sweep(task: tasks_lib.Task, grids: dict[str, Sequence[float]],
           budget: Budget, seed: int = 0, progress: bool = True,
-          first_layer: bool = False) -> dict[str, list[History]]:
+          first_layer: bool = False,
+          adam_grids: dict[str, Sequence[float]] | None = None,
+          ) -> dict[str, list[History]]:
   """Trains every optimizer at every learning rate of its grid.
 
   Pass a task whose eval set is held out from the training set (see
@@ -384,10 +554,20 @@ def sweep(task: tasks_lib.Task, grids: dict[str, Sequence[float]],
     seed: one seed for all runs.
     progress: tqdm bars.
     first_layer: MAC's first-layer factor, see :func:`train`.
+    adam_grids: Adam learning rates of the ``TWO_RATES`` optimizers; each
+      runs on the product of its two grids.
 
   Returns:
-    ``{optimizer: [History per learning rate]}``.
+    ``{optimizer: [History per grid point]}``.
   """
-  return {name: [train(task, name, lr, budget, seed, progress,
-                       first_layer=first_layer) for lr in grid]
-          for name, grid in grids.items()}
+  adam_grids = adam_grids or {}
+  runs = {}
+  for name, grid in grids.items():
+    if name in TWO_RATES and not adam_grids.get(name):
+      raise ValueError(f'{name} has two learning rates: give its Adam grid.')
+    points = [(lr, adam) for lr in grid
+              for adam in (adam_grids[name] if name in TWO_RATES else [None])]
+    runs[name] = [train(task, name, lr, budget, seed, progress,
+                        first_layer=first_layer, adam_learning_rate=adam)
+                  for lr, adam in points]
+  return runs
