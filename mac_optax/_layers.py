@@ -192,10 +192,6 @@ is_leaf_box = _boxes.is_leaf_box
 unbox = _boxes.unbox
 rebox = _boxes.rebox
 
-# The names other modules used before linen's boxes were handled too.
-is_variable = is_leaf_box
-unwrap = unbox
-
 
 def leaf_paths(tree: Any) -> list[tuple[Path, Any]]:
   """``(path, leaf)`` for every leaf of a nested-mapping tree.
