@@ -185,6 +185,9 @@ def _reject_optax_multisteps() -> None:
   statistics. It calls the inner update from its own methods, so one of the
   calling frames has the MultiSteps instance as ``self``.
   """
+  # The frames are the only signal: MultiSteps passes the extra arguments
+  # through unchanged and hands the inner update nothing that names its
+  # caller. Under jax.jit this Python runs once per trace, not per step.
   frame = inspect.currentframe()
   try:
     while frame is not None:
