@@ -319,9 +319,8 @@ class WithStats:
       told.append(
           f'{name} got {len(models)} NNX model(s), but no layer of theirs'
           ' with a rule MAC knows ran'
-          + ('; modules owning a kernel: ' + ', '.join(
-              f'{_stats.path_str(p)} ({t})'
-              for p, t in owners) if owners else ''))
+          + ('; modules owning a kernel: ' + _capture.describe_modules(
+              [path for path, _ in owners], dict(owners)) if owners else ''))
     return ('; '.join(told) + '. Teach MAC the layer classes with'
             ' mac_optax.register_layer (or register_attention).')
 
