@@ -142,7 +142,7 @@ def state_sharding(
   # whether param_sharding comes boxed or not (nn.get_partition_spec).
   param_sharding = jax.tree.map(_boxes.unbox, param_sharding,
                                 is_leaf=_boxes.is_leaf_box)
-  replicated = _replicated_like(param_sharding)
+  replicated_sharding = _replicated_like(param_sharding)
 
   def like_params(value, sharding):
     # optax.masked / optax.partition keep MaskedNodes where their inner
@@ -159,7 +159,7 @@ def state_sharding(
       # A whole subtree where the placeholder state has a leaf (MAC's
       # per-layer statistics, whose layers depend on a mask).
       transform_non_params=lambda value: jax.tree.map(
-          lambda _: replicated, value),
+          lambda _: replicated_sharding, value),
       is_leaf=_is_param_leaf,
   )
 
