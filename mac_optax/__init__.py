@@ -8,9 +8,9 @@ from mac_optax._capture import capture
 from mac_optax._capture import Capture
 from mac_optax._first_layer import input_second_moments
 from mac_optax._layers import find_layers
-from mac_optax._layers import Layers
-from mac_optax._layers import LayerSpec
-from mac_optax._layers import precondition_mask
+from mac_optax._geometry import Layers
+from mac_optax._geometry import LayerSpec
+from mac_optax._geometry import precondition_mask
 from mac_optax._layers import summary
 from mac_optax._presets import layer_labels
 from mac_optax._presets import mac_adamw

@@ -7,14 +7,14 @@ from typing import Any, Callable
 import jax
 import optax
 
-from mac_optax import _layers
+from mac_optax import _geometry
 from mac_optax import _transform
 
 
 def mac(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    layers: _layers.Layers,
+    layers: _geometry.Layers,
     momentum: jax.typing.ArrayLike = 0.9,
     weight_decay: jax.typing.ArrayLike = 5e-4,
     damping: jax.typing.ArrayLike = 1.0,

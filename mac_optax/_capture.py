@@ -35,6 +35,7 @@ from flax.core import tracers as flax_tracers
 from flax.nnx import bridge as nnx_bridge
 import jax
 
+from mac_optax import _geometry
 from mac_optax import _rules
 from mac_optax import _stats
 from mac_optax import _tracking
@@ -126,17 +127,6 @@ def module_of_apply(function) -> nn.Module | None:
       and isinstance(function.__self__, nn.Module)):
     return function.__self__
   return None
-
-
-def kernel_owners(params: Any, path: Path = ()) -> list[Path]:
-  """Paths of the modules that own a ``kernel`` in a params tree."""
-  if not isinstance(params, Mapping):
-    return []
-  found = [path] if 'kernel' in params else []
-  for key, value in params.items():
-    if key != 'kernel':
-      found.extend(kernel_owners(value, path + (key,)))
-  return found
 
 
 def params_of(variables: Any) -> Any:
@@ -440,7 +430,7 @@ class Capture:
     if self._module is None:  # the kernels of the applies the wrapper ran
       owners = seen.kernel_owners
     else:
-      owners = [path for path in kernel_owners(params_of(variables))
+      owners = [path for path in _geometry.kernel_owners(params_of(variables))
                 if path not in seen.skipped]
     if owners:
       raise no_statistics_error(

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mac_optax import _layers
+from mac_optax import _geometry
 from mac_optax import _rules
 from mac_optax import _transform
 
-Path = _layers.Path
-path_str = _layers.path_str
+Path = _geometry.Path
+path_str = _geometry.path_str
 SECOND_MOMENT = _transform.SECOND_MOMENT
 _COLLECTION = 'mac_second_moments'
 _WEIGHTINGS = ('batch', 'row')
@@ -39,7 +39,7 @@ def _first_input(args, kwargs):
 class _MomentInterceptor:
   """Sows ``(Σ_r x̃_r x̃_rᵀ, rows)`` of every call of the chosen layers."""
 
-  def __init__(self, layers: _layers.Layers, paths: Sequence[Path]):
+  def __init__(self, layers: _geometry.Layers, paths: Sequence[Path]):
     self.layers = layers
     self.paths = frozenset(paths)
 
@@ -102,9 +102,9 @@ def _first_called_layer(apply_fn, variables, args, layers, apply_kwargs):
   return order[0]
 
 
-def _check_path(layers: _layers.Layers, path: Path) -> None:
+def _check_path(layers: _geometry.Layers, path: Path) -> None:
   spec = layers.require(path, '`paths` asks')
-  _layers.check_exact_factor(spec, f'layer {path_str(path)} ({spec.module})')
+  _geometry.check_exact_factor(spec, f'layer {path_str(path)} ({spec.module})')
 
 
 def _lookup_sown(state: Mapping[str, Any], path: Path):
@@ -139,7 +139,7 @@ def input_second_moments(
     variables: Any,
     batches: Iterable[Any],
     *,
-    layers: _layers.Layers,
+    layers: _geometry.Layers,
     paths: Sequence[Any] | None = None,
     weighting: str = 'batch',
     sharding: jax.sharding.Sharding | None = None,

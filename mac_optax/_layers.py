@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from mac_optax import _boxes
+from mac_optax import _geometry
 from mac_optax import _capture
 from mac_optax import _nnx
 from mac_optax import _recording
@@ -21,199 +22,14 @@ from mac_optax import _rules
 from mac_optax import _stats
 from mac_optax import _tracking
 
-Path = _stats.Path
-path_str = _stats.path_str
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-  """Static geometry of one preconditioned layer.
-
-  In canonical order the kernel has shape ``stack_shape + in_shape +
-  out_shape``: ``in_shape`` are the axes contracted with the layer input
-  (flattened, they index the statistic), ``out_shape`` the output features.
-  ``stack_shape`` holds leading axes with separate weights per index: layers
-  stacked by ``nn.scan``, the batch dims of ``DenseGeneral``, the positions of
-  ``ConvLocal``. The flattened output features split into ``blocks``
-  contiguous blocks (convolution groups, attention heads, fused
-  query/key/value), each with its own statistic. A kernel stored in another
-  axis order (an einsum ``'BTD,NDH->BTNH'``, a transposed dense kernel) has
-  ``kernel_axes``, the permutation that takes it as stored to canonical order.
-
-  Attributes:
-    kind: ``'dense'``, ``'einsum'``, ``'conv'``, ``'conv_transpose'``,
-      ``'conv_local'``, ``'attention_value'`` or ``'attention_qkv'``.
-    module: the module's class name.
-    in_shape: kernel axes contracted with the input.
-    out_shape: kernel output axes.
-    blocks: number of output blocks with their own statistic.
-    has_bias: whether a bias is preconditioned jointly, as the last coordinate.
-      The bias has shape ``stack_shape + out_shape``.
-    stack_shape: leading stacked-layer axes.
-    kernel_axes: ``transpose(kernel, kernel_axes)`` puts the kernel as stored
-      in canonical order; None when it is stored so.
-  """
-
-  kind: str
-  module: str
-  in_shape: tuple[int, ...]
-  out_shape: tuple[int, ...]
-  blocks: int
-  has_bias: bool
-  stack_shape: tuple[int, ...] = ()
-  kernel_axes: tuple[int, ...] | None = None
-
-  @property
-  def dim(self) -> int:
-    """Length ``d`` of the statistic: input size, plus one with a bias."""
-    return int(np.prod(self.in_shape, dtype=np.int64)) + int(self.has_bias)
-
-  @property
-  def stat_shape(self) -> tuple[int, ...]:
-    per_layer = (self.blocks, self.dim) if self.blocks > 1 else (self.dim,)
-    return self.stack_shape + per_layer
-
-  @property
-  def canonical_kernel_shape(self) -> tuple[int, ...]:
-    """``stack_shape + in_shape + out_shape``."""
-    return self.stack_shape + self.in_shape + self.out_shape
-
-  @property
-  def kernel_shape(self) -> tuple[int, ...]:
-    """The kernel's shape as stored in the parameters."""
-    canonical = self.canonical_kernel_shape
-    if self.kernel_axes is None:
-      return canonical
-    stored = [0] * len(canonical)
-    for position, axis in enumerate(self.kernel_axes):
-      stored[axis] = canonical[position]
-    return tuple(stored)
-
-  def to_canonical(self, kernel):
-    """The kernel (or its gradient) as stored -> canonical axis order."""
-    if self.kernel_axes is None:
-      return kernel
-    return jnp.transpose(kernel, self.kernel_axes)
-
-  def from_canonical(self, kernel):
-    """Inverse of :meth:`to_canonical`: canonical -> as stored."""
-    if self.kernel_axes is None:
-      return kernel
-    inverse = tuple(int(a) for a in np.argsort(self.kernel_axes))
-    return jnp.transpose(kernel, inverse)
-
-  @property
-  def bias_shape(self) -> tuple[int, ...]:
-    return self.stack_shape + self.out_shape
-
-
-class Layers(Mapping[Path, LayerSpec]):
-  """The preconditioned layers of a model, keyed by module path.
-
-  Made by :func:`find_layers`. Besides the mapping of module path to
-  :class:`LayerSpec`, it remembers the type of every module it saw
-  (``modules``), the layers it saw but cannot precondition, with the reason
-  (``unsupported``), and the modules called under an attention rule
-  (``attention``), for :func:`summary`.
-  """
-
-  def __init__(
-      self,
-      specs: Mapping[Path, LayerSpec],
-      modules: Mapping[Path, str] | None = None,
-      unsupported: Mapping[Path, str] | None = None,
-      value_sources: Mapping[Path, str] | None = None,
-      attention: Iterable[Path] = (),
-      with_rule: Iterable[Path] = (),
-  ):
-    self._specs = dict(specs)
-    self.modules = dict(modules or {})
-    self.unsupported = dict(unsupported or {})
-    self.value_sources = dict(value_sources or {})
-    self.attention = frozenset(attention)
-    self.with_rule = frozenset(with_rule)
-
-  def __getitem__(self, path: Path) -> LayerSpec:
-    return self._specs[path]
-
-  def __iter__(self) -> Iterator[Path]:
-    return iter(self._specs)
-
-  def __len__(self) -> int:
-    return len(self._specs)
-
-  def __repr__(self) -> str:
-    return f'Layers({self.known()})'
-
-  def known(self) -> str:
-    """The layer paths, for error messages."""
-    return ', '.join(path_str(p) for p in self._specs) or 'none'
-
-  def require(self, path: Path, what: str) -> LayerSpec:
-    """The spec at ``path``; raises naming ``what`` was given for it."""
-    if path not in self._specs:
-      raise ValueError(
-          f'{what} for {path_str(path)}, which is not a preconditioned layer'
-          f' of `layers` (known: {self.known()}).')
-    return self._specs[path]
-
-
-def check_exact_factor(spec: LayerSpec, where: str) -> None:
-  """Raises unless ``spec`` can take a full ``d x d`` input factor."""
-  if spec.kind not in ('dense', 'conv') or spec.blocks > 1 or spec.stack_shape:
-    raise ValueError(
-        f'{where}: the exact second-moment factor supports ungrouped'
-        ' Dense/DenseGeneral/Conv layers outside nn.scan; this one is'
-        f' {spec.kind} with {spec.blocks} block(s) and stacked axes'
-        f' {spec.stack_shape}.'
-    )
-
-
-def lookup(tree: Any, path: Path) -> Any:
-  """``tree[path[0]][path[1]]...`` or None when a key is missing."""
-  node = tree
-  for key in path:
-    if not isinstance(node, Mapping) or key not in node:
-      return None
-    node = node[key]
-  return node
-
-
-def key_name(entry) -> Any:
-  """The key of one ``jax.tree_util`` path entry (dict key, index, attribute)."""
-  for attribute in ('key', 'idx', 'name'):
-    if hasattr(entry, attribute):
-      return getattr(entry, attribute)
-  return None
-
-
-# Boxed parameters (nn.Partitioned, NNX Variables) are leaves here.
-is_leaf_box = _boxes.is_leaf_box
-unbox = _boxes.unbox
-rebox = _boxes.rebox
-
-
-def leaf_paths(tree: Any) -> list[tuple[Path, Any]]:
-  """``(path, leaf)`` for every leaf of a nested-mapping tree.
-
-  A box (see :func:`is_leaf_box`) is one leaf, given as the array inside it,
-  at the path of the parameter (``Dense_0/kernel``, not ``.../value``).
-  """
-  return [
-      (tuple(key_name(k) for k in keys), unbox(leaf))
-      for keys, leaf in jax.tree_util.tree_flatten_with_path(
-          tree, is_leaf=is_leaf_box
-      )[0]
-  ]
-
-
-def flatten_stats(stats: Any) -> dict[Path, Any]:
-  """Maps module path -> ``mean_input`` for a ``mac_stats`` tree."""
-  return _stats.mean_inputs(stats)
+Path = _geometry.Path
+path_str = _geometry.path_str
+LayerSpec = _geometry.LayerSpec
+Layers = _geometry.Layers
 
 
 def _check_against_params(path: Path, spec: LayerSpec, params: Any) -> None:
-  node = lookup(params, path)
+  node = _geometry.lookup(params, path)
   where = f'layer {path_str(path)} ({spec.module})'
   if not isinstance(node, Mapping) or 'kernel' not in node:
     raise ValueError(
@@ -266,7 +82,7 @@ def _spec_from_params(
   partial = LayerSpec(call.kind, call.module, call.in_shape, (), call.blocks,
                       call.has_bias, stack_shape)
   _check_against_params(path, partial, params)
-  kernel_shape = tuple(np.shape(unbox(lookup(params, path)['kernel'])))
+  kernel_shape = tuple(np.shape(_boxes.unbox(_geometry.lookup(params, path)['kernel'])))
   kernel_axes = _kernel_axes(path, call, len(stack_shape), len(kernel_shape))
   if kernel_axes is not None:
     stored = kernel_shape
@@ -289,7 +105,7 @@ def _spec_from_params(
         f' into {spec.blocks} blocks.'
     )
   if spec.has_bias:
-    bias_shape = tuple(np.shape(unbox(lookup(params, path)['bias'])))
+    bias_shape = tuple(np.shape(_boxes.unbox(_geometry.lookup(params, path)['bias'])))
     if bias_shape != spec.bias_shape:
       raise ValueError(
           f'layer {path_str(path)}: bias shape {bias_shape}, expected'
@@ -388,7 +204,7 @@ def find_layers(apply_fn: Callable[..., Any], *args, params: Any = None,
     params = (_capture.params_of(variables)
               if isinstance(variables, Mapping) else {})
   specs = {}
-  for path, stat in (flatten_stats(stats) if stats else {}).items():
+  for path, stat in (_stats.mean_inputs(stats) if stats else {}).items():
     specs[path] = _spec_from_params(
         path, recorder.layers[path], tuple(stat.shape), params
     )
@@ -450,7 +266,7 @@ def _check_found(specs, params, recorder: _tracking.Recorder,
   nnx_modules = {tuple(path): module for model in nnx_models
                  for path, module in nnx.iter_modules(model)}
   unexplained = [
-      path for path in _capture.kernel_owners(params)
+      path for path in _geometry.kernel_owners(params)
       if path not in specs and path not in recorder.skipped
       and path not in recorder.unsupported]
   if not specs:
@@ -512,31 +328,6 @@ def _trace_with_stats(loss_fn, recorder, args, kwargs):
   return stats, params
 
 
-def _owner(layers: Layers, path: Path) -> Path:
-  """The deepest recorded module path that is a prefix of a parameter path."""
-  for end in range(len(path), -1, -1):
-    if path[:end] in layers.modules:
-      return path[:end]
-  return ()
-
-
-def precondition_mask(layers: Layers, params: Any) -> Any:
-  """A bool tree like ``params``: True where MAC preconditions the leaf.
-
-  Useful as an ``optax.partition``/``optax.masked`` label source, and to check
-  what :func:`find_layers` found. A boxed parameter (``nn.Partitioned``,
-  ``nn.LogicallyPartitioned``, an NNX ``Variable``) gets one bool in place of
-  its box, which ``optax.masked`` accepts as a prefix of the boxed tree.
-  """
-  def is_preconditioned(keys, _):
-    path = tuple(key_name(k) for k in keys)
-    return path[:-1] in layers and path[-1] in ('kernel', 'bias')
-
-  return jax.tree_util.tree_map_with_path(
-      is_preconditioned, params, is_leaf=is_leaf_box
-  )
-
-
 # Children that make a module look like attention: separate query/key/value
 # projections, or one fused projection.
 _ATTENTION_CHILDREN = (
@@ -548,7 +339,7 @@ _ATTENTION_CHILDREN = (
 def _not_preconditioned(layers: Layers, module_path: Path,
                         owns_kernel: bool) -> str:
   """Why the parameters of ``module_path`` are not preconditioned."""
-  owner = _owner(layers, module_path)
+  owner = _geometry.owner(layers, module_path)
   if owner in layers.unsupported or not owns_kernel:
     return layers.unsupported.get(owner, layers.modules.get(owner, '?'))
   module = layers.modules.get(module_path)
@@ -610,9 +401,9 @@ def summary(layers: Layers, params: Any) -> str:
     layers_2/kernel  (8, 2)  preconditioned: dense (Dense), d=9
     preconditioned kernels: 2 of 2; parameters covered: 50 of 66 (75.8 %)
   """
-  leaves = [(path, leaf) for path, leaf in leaf_paths(params)
+  leaves = [(path, leaf) for path, leaf in _geometry.leaf_paths(params)
             if not isinstance(leaf, optax.MaskedNode)]
-  kernel_owners = {path[:-1] for path, _ in leaves if path[-1] == 'kernel'}
+  kernel_owners = set(_geometry.kernel_owners(params))
   rows = [('parameter', 'shape', 'MAC')]
   kernels = covered_kernels = size = covered_size = 0
   for path, leaf in leaves:

@@ -7,15 +7,15 @@ from typing import Any, Callable
 import jax
 import optax
 
+from mac_optax import _geometry
 from mac_optax import _alias
-from mac_optax import _layers
 from mac_optax import _transform
 
 PRECONDITIONED = 'mac'
 REST = 'rest'
 
 
-def layer_labels(layers: _layers.Layers) -> Callable[[Any], Any]:
+def layer_labels(layers: _geometry.Layers) -> Callable[[Any], Any]:
   """``params -> labels``: ``'mac'`` where MAC preconditions, else ``'rest'``.
 
   The ``param_labels`` of :func:`optax.partition` for :func:`mac_adamw`,
@@ -24,14 +24,14 @@ def layer_labels(layers: _layers.Layers) -> Callable[[Any], Any]:
   def labels(params):
     return jax.tree.map(
         lambda preconditioned: PRECONDITIONED if preconditioned else REST,
-        _layers.precondition_mask(layers, params))
+        _geometry.precondition_mask(layers, params))
   return labels
 
 
 def mac_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    layers: _layers.Layers,
+    layers: _geometry.Layers,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     rest: optax.GradientTransformation | None = None,
     momentum: jax.typing.ArrayLike = 0.9,
@@ -126,7 +126,7 @@ def mac_adamw(
 def preconditioned(
     inner: optax.GradientTransformation,
     *,
-    layers: _layers.Layers,
+    layers: _geometry.Layers,
     damping: jax.typing.ArrayLike = 1.0,
     stat_decay: jax.typing.ArrayLike = 0.95,
     t_cov: jax.typing.ArrayLike = 5,

@@ -18,6 +18,7 @@ import flax.linen as nn
 from flax import nnx
 
 from mac_optax import _capture
+from mac_optax import _geometry
 from mac_optax import _nnx
 from mac_optax import _rules
 from mac_optax import _stats
@@ -111,7 +112,7 @@ def _recording_apply(record: Recording, module, variables, *args, **kwargs):
     record.parts.append(stats)
   else:
     record.kernel_owners.extend(
-        path for path in _capture.kernel_owners(_capture.params_of(variables))
+        path for path in _geometry.kernel_owners(_capture.params_of(variables))
         if path not in seen.skipped)
   return result
 

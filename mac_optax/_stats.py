@@ -30,6 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from mac_optax import _geometry
+
 MEAN = 'mean_input'
 ROWS = 'rows'
 PLAIN = 'plain_input'
@@ -52,11 +54,8 @@ _COUNTS = (ROWS, QUERY_ROWS, EXAMPLES)
 _FACTORS = (KEY_ATTENTION, POSITION_INPUT, EXAMPLES)
 FIELDS = frozenset(_WEIGHT_OF) | frozenset(_COUNTS) | {BLOCK_SOURCE}
 
-Path = tuple[Any, ...]
-
-
-def path_str(path: Path) -> str:
-  return '/'.join(map(str, path)) if path else '<root>'
+Path = _geometry.Path
+path_str = _geometry.path_str
 
 
 def is_layer_node(node: Any) -> bool:

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mac_optax import _layers
+from mac_optax import _boxes
+from mac_optax import _geometry
 from mac_optax import _sharding
 from mac_optax import _stats
 
-Path = _layers.Path
-path_str = _layers.path_str
+Path = _geometry.Path
+path_str = _geometry.path_str
 _SCALES = ('reference', 'exact')
 _SECOND_MOMENT_SCALES = ('unscaled', 'damping')
 SECOND_MOMENT = 'second_moment'
@@ -206,14 +207,14 @@ def _reject_optax_multisteps() -> None:
 
 
 def _check_second_moments(
-    layers: _layers.Layers, second_moments: Any
+    layers: _geometry.Layers, second_moments: Any
 ) -> dict[Path, Any]:
   """{module path: Σ or its shape} from the ``second_moments`` argument."""
   flat = _unnest(second_moments, SECOND_MOMENT, 'second_moments', (_INVERSE,))
   for path, moment in flat.items():
     spec = layers.require(path, 'second_moments has a matrix')
     where = f'second_moments for layer {path_str(path)} ({spec.module})'
-    _layers.check_exact_factor(spec, where)
+    _geometry.check_exact_factor(spec, where)
     expected = (spec.dim, spec.dim)
     if tuple(np.shape(moment)) != expected:
       raise ValueError(
@@ -279,7 +280,7 @@ def _damped_inverse(moment, damping, convention: str) -> jax.Array:
   return inverse
 
 
-def _precondition_exact(kernel, bias, inverse, spec: _layers.LayerSpec):
+def _precondition_exact(kernel, bias, inverse, spec: _geometry.LayerSpec):
   """``F Ĝ`` with ``Ĝ`` the ``(d, out)`` kernel gradient plus a bias row."""
   if _sharding.is_explicit(kernel, bias):
     # As in precondition: reshapes and the concatenation in Auto mode.
@@ -354,7 +355,7 @@ def _check_state_against_layers(layers, emas, mean_inputs, skipped,
       )
 
 
-def _check_unlisted_kernels(layers: _layers.Layers, params: Any) -> None:
+def _check_unlisted_kernels(layers: _geometry.Layers, params: Any) -> None:
   """Every kernel in ``params`` belongs to a module ``find_layers`` saw.
 
   A kernel under a module path that the traced forward pass never reached
@@ -364,7 +365,7 @@ def _check_unlisted_kernels(layers: _layers.Layers, params: Any) -> None:
   """
   if not layers.modules:
     return
-  for path, leaf in _layers.leaf_paths(params):
+  for path, leaf in _geometry.leaf_paths(params):
     if not path or path[-1] != 'kernel' or isinstance(leaf, optax.MaskedNode):
       continue
     module_path = path[:-1]
@@ -381,11 +382,11 @@ def _check_unlisted_kernels(layers: _layers.Layers, params: Any) -> None:
     )
 
 
-def _active_layers(layers: _layers.Layers, params: Any) -> dict[Path, Any]:
+def _active_layers(layers: _geometry.Layers, params: Any) -> dict[Path, Any]:
   """Layers whose kernel is present (not masked out) in ``params``."""
   active = {}
   for path, spec in layers.items():
-    node = _layers.lookup(params, path)
+    node = _geometry.lookup(params, path)
     where = f'layer {path_str(path)} ({spec.module})'
     if not isinstance(node, Mapping) or 'kernel' not in node:
       raise ValueError(
@@ -394,9 +395,9 @@ def _active_layers(layers: _layers.Layers, params: Any) -> dict[Path, Any]:
       )
     # Boxed parameters (nn.Partitioned, NNX Variables) hold the array, or
     # the MaskedNode of a mask given per array rather than per box.
-    kernel = _layers.unbox(node['kernel'])
+    kernel = _boxes.unbox(node['kernel'])
     kernel_masked = isinstance(kernel, optax.MaskedNode)
-    bias = _layers.unbox(node.get('bias'))
+    bias = _boxes.unbox(node.get('bias'))
     if spec.has_bias and bias is None:
       raise ValueError(f'{where}: params/{path_str(path)} has no "bias".')
     if spec.has_bias and isinstance(bias, optax.MaskedNode) != kernel_masked:
@@ -430,7 +431,7 @@ def precondition(
     kernel: jax.Array,
     bias: jax.Array | None,
     mean_input: jax.Array,
-    spec: _layers.LayerSpec,
+    spec: _geometry.LayerSpec,
     damping: jax.Array,
     scale: str = 'reference',
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -503,7 +504,7 @@ def precondition(
 
 
 def scale_by_mac(
-    layers: _layers.Layers,
+    layers: _geometry.Layers,
     damping: jax.typing.ArrayLike = 1.0,
     stat_decay: jax.typing.ArrayLike = 0.95,
     t_cov: jax.typing.ArrayLike = 5,
@@ -719,9 +720,9 @@ def scale_by_mac(
           ' TrainState, use mac_optax.TrainState (or TrainStateMixin) and'
           ' state.apply_gradients(grads=grads, mac_stats=stats).'
       )
-    stats = _layers.flatten_stats(mac_stats)
-    emas = _layers.flatten_stats(state.mean_input_ema)
-    mean_inputs = _layers.flatten_stats(state.mean_input)
+    stats = _stats.mean_inputs(mac_stats)
+    emas = _stats.mean_inputs(state.mean_input_ema)
+    mean_inputs = _stats.mean_inputs(state.mean_input)
     skipped = _unnest(state.skipped_captures, _SKIPPED, 'skipped_captures')
     moments = _unnest(state.exact_factors, SECOND_MOMENT, 'exact_factors',
                       (_INVERSE,))
@@ -753,7 +754,7 @@ def scale_by_mac(
         )
     if axis_name is not None:
       mac_stats = reduce_stats(mac_stats)
-      stats = _layers.flatten_stats(mac_stats)
+      stats = _stats.mean_inputs(mac_stats)
     counts = _stats.row_counts(mac_stats)
 
     count = state.count
@@ -800,11 +801,11 @@ def scale_by_mac(
     preconditioned = {}
     for path in list(new_means) + list(new_exact):
       spec = layers[path]
-      node = _layers.lookup(updates, path)
+      node = _geometry.lookup(updates, path)
       if not isinstance(node, Mapping):
         node = {}
-      kernel = _layers.unbox(node.get('kernel'))
-      bias = _layers.unbox(node.get('bias'))
+      kernel = _boxes.unbox(node.get('kernel'))
+      bias = _boxes.unbox(node.get('bias'))
       if kernel is None or (spec.has_bias and bias is None):
         raise ValueError(
             f'layer {path_str(path)} ({spec.module}): the updates have no'
@@ -825,15 +826,15 @@ def scale_by_mac(
         preconditioned[path + ('bias',)] = new_bias
 
     def replace(keys, leaf):
-      path = tuple(_layers.key_name(k) for k in keys)
+      path = tuple(_geometry.key_name(k) for k in keys)
       if path not in preconditioned:
         return leaf
       new = preconditioned[path]
       # A boxed update keeps its box: sharding names survive the step.
-      return _layers.rebox(leaf, new)
+      return _boxes.rebox(leaf, new)
 
     updates = jax.tree_util.tree_map_with_path(
-        replace, updates, is_leaf=_layers.is_leaf_box
+        replace, updates, is_leaf=_boxes.is_leaf_box
     )
     new_state = ScaleByMacState(
         count=optax.safe_increment(count),
