@@ -2,7 +2,7 @@
 
     python -m benchmarks.cost [--device cpu|gpu] [--rounds 7] [--steps 5]
         [--optimizers mac,sgd,...] [--demo-results DIR] [--skip-scaling]
-        [--skip-layer] [--quick]
+        [--skip-layer] [--skip-compile] [--depths 2,8,24] [--quick]
 
 Table 1, the demo's models (ViT, ResNet-style CNN with BatchNorm, BERT-style
 masked LM with a padding mask, GPT) at their demo sizes, one full jitted
@@ -32,7 +32,14 @@ floats of state) against the reference code's dense
 ``G (I − â âᵀ / (λ + ‖â‖²))`` (O(m·d²) time, d² floats), at layer shapes of
 ViT-S and ResNet-50.
 
-Table 4, with ``--demo-results``: steps and training seconds to a target from
+Table 4, compile time against depth: the jitted training step of the demo's
+ViT (width 32) with 2, 8 and 24 unscanned blocks, MAC against
+``optax.sgd(momentum=0.9)``: seconds to trace, lower and compile, XLA's
+compile alone, and the lines of the compiled HLO. MAC preconditions layers of
+equal shape together, so its extra ops grow with the number of distinct layer
+shapes, not with depth.
+
+Table 5, with ``--demo-results``: steps and training seconds to a target from
 the JSON files that ``python -m mac_optax.demo`` writes.
 
 Inputs are random (shapes as in the demo), so no data set is needed.
@@ -80,6 +87,12 @@ def _parse():
   p.add_argument('--skip-scaling', action='store_true')
   p.add_argument('--skip-layer', action='store_true',
                  help='skip table 3 (one layer, rank-one vs dense)')
+  p.add_argument('--depths', default='2,8,24',
+                 help='ViT depths (unscanned blocks) for the compile table')
+  p.add_argument('--compile-rounds', type=int, default=2,
+                 help='interleaved compilations per optimizer and depth (min)')
+  p.add_argument('--skip-compile', action='store_true',
+                 help='skip table 4 (compile time against depth)')
   p.add_argument('--demo-results', help='folder with the demo JSON files')
   p.add_argument('--quick', action='store_true',
                  help='3 rounds of 2 steps, small scaling grid (a smoke run)')
@@ -367,6 +380,51 @@ def layer_table(rounds, steps):
   return header, rows
 
 
+def _compile_once(task, tx, use_stats, params, state, batch):
+  """Seconds to trace and lower, seconds to compile, HLO lines."""
+  opt_state = jax.eval_shape(tx.init, params)
+  step = jax.jit(training.make_train_step(task, tx, use_stats))
+  start = time.perf_counter()
+  lowered = step.lower(params, state, opt_state, batch)
+  traced = time.perf_counter()
+  compiled = lowered.compile()
+  done = time.perf_counter()
+  return traced - start, done - traced, compiled.as_text().count('\n')
+
+
+def compile_table(depths, rounds):
+  """MAC's and SGD-momentum's jitted step: compile cost against depth."""
+  rows = []
+  for depth in depths:
+    task = _synthetic_task('vit', dict(width=32, depth=depth, heads=4,
+                                       patch=7))
+    params, state = training.init(task, 0)
+    batch = next(task.batches(np.random.default_rng(0), 32))
+    layers = mac_optax.find_layers(task.model.apply,
+                                   {'params': params, **state}, task.example)
+    optimizers = {'sgd': (optax.sgd(0.1, momentum=0.9), False),
+                  'mac': (mac_optax.mac(0.1, layers=layers, **MAC_SETTINGS),
+                          True)}
+    results = {name: [] for name in optimizers}
+    for _ in range(rounds):
+      for name, (tx, use_stats) in optimizers.items():
+        results[name].append(_compile_once(task, tx, use_stats, params, state,
+                                           batch))
+    best = {name: [min(r[i] for r in runs) for i in range(3)]
+            for name, runs in results.items()}
+    mac, sgd = best['mac'], best['sgd']
+    rows.append((
+        str(depth), str(len(layers)),
+        f'{sgd[0] + sgd[1]:.2f}', f'{mac[0] + mac[1]:.2f}',
+        f'{(mac[0] + mac[1]) / (sgd[0] + sgd[1]):.2f}',
+        f'{mac[1] / sgd[1]:.2f}', f'{sgd[2]:,}', f'{mac[2]:,}',
+        f'{mac[2] / sgd[2]:.2f}'))
+  header = ('blocks', 'MAC layers', 'SGD s', 'MAC s', 'MAC / SGD',
+            'XLA compile only, MAC / SGD', 'SGD HLO lines', 'MAC HLO lines',
+            'HLO MAC / SGD')
+  return header, rows
+
+
 def target_tables(folder) -> list[str]:
   out = []
   for path in sorted(glob.glob(os.path.join(folder, '*.json'))):
@@ -420,8 +478,17 @@ def main():
     print('Table 3: preconditioning one layer gradient, MAC rank-one vs the'
           ' reference\'s dense d×d matrix\n')
     print(report.markdown_table(*layer_table(rounds, steps)) + '\n')
+  if not args.skip_compile:
+    depths = [int(d) for d in args.depths.split(',')]
+    if args.quick:
+      depths = depths[:1]
+    print('Table 4: compiling the jitted training step (trace, lower and XLA'
+          ' compile; best of interleaved rounds) of an unscanned ViT, width'
+          ' 32, against depth\n')
+    print(report.markdown_table(*compile_table(
+        depths, 1 if args.quick else args.compile_rounds)) + '\n')
   if args.demo_results:
-    print('Table 4: time to target in the demo runs\n')
+    print('Table 5: time to target in the demo runs\n')
     for table in target_tables(args.demo_results):
       print(table + '\n')
 

@@ -156,7 +156,9 @@ def train(name, tx, model, params, data, args):
       test_loss=test_loss / len(x_test), test_accuracy=correct / len(x_test),
       nan_loss=int(np.sum(~np.isfinite(losses))), finite_state=finite,
       largest_state=largest_state, largest_param=largest_params,
-      mac_statistic=_largest(opt_state[0].mean_input)
+      mac_statistic=_largest(next(
+          part.mean_input for part in opt_state
+          if isinstance(part, mac_optax.ScaleByMacState)))
       if name.startswith('MAC') else float('nan'))
 
 

@@ -151,7 +151,7 @@ def multi_steps(
     ...   _, stats = apply_with_stats({'params': params}, half)
     ...   updates, state = tx.update(grads, state, params, mac_stats=stats)
     >>> # The statistic of all four rows: [3, 4] and the bias's 1.
-    >>> print(state.inner_opt_state[0].mean_input['mean_input'].round(5))
+    >>> print(state.inner_opt_state[0].mean_input.round(5))
     [3. 4. 1.]
   """
   opt = optax.with_extra_args_support(opt)

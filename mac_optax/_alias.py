@@ -8,6 +8,8 @@ import jax
 import optax
 
 from mac_optax import _geometry
+from mac_optax import _preconditioner
+from mac_optax import _second_moments
 from mac_optax import _transform
 
 
@@ -23,10 +25,10 @@ def mac(
     t_inv: jax.typing.ArrayLike = 50,
     nesterov: bool = False,
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
-    scale: str = 'reference',
+    scale: _preconditioner.Scale = 'damping',
     axis_name: Any = None,
     second_moments: Any = None,
-    second_moment_scale: str = 'unscaled',
+    second_moment_scale: _preconditioner.Scale = 'unit',
 ) -> optax.GradientTransformationExtraArgs:
   r"""MAC, as in the authors' ImageNet/DeiT code (decoupled weight decay).
 
@@ -38,7 +40,8 @@ def mac(
     \theta &\leftarrow (1 - \eta\, w)\, \theta - \eta\, b,
 
   built as ``optax.chain(scale_by_mac, optax.trace, optax.add_decayed_weights,
-  optax.scale_by_learning_rate)``. For the CIFAR code's coupled L2 (decay added
+  optax.scale_by_learning_rate)``, with :func:`scale_by_second_moments` first
+  when ``second_moments`` are given. For the CIFAR code's coupled L2 (decay added
   to the preconditioned gradient before momentum) chain
   ``optax.add_decayed_weights`` before ``optax.trace`` yourself.
 
@@ -61,14 +64,15 @@ def mac(
     nesterov: Nesterov momentum.
     weight_decay_mask: which parameters decay, as for
       ``optax.add_decayed_weights``: a bool tree or a callable of params.
-    scale: ``'reference'`` or ``'exact'``, see :func:`scale_by_mac`.
+    scale: ``'damping'`` (the reference) or ``'unit'``, see
+      :func:`scale_by_mac`.
     axis_name: the ``shard_map``/``pmap`` data axis over which the statistics
       are merged; None under ``jax.jit`` (see :func:`scale_by_mac`).
     second_moments: input second moments of the layers that get the exact
       ``(Σ + λI)⁻¹`` factor, from :func:`input_second_moments` (finite,
       symmetric and positive semi-definite, else a ``ValueError``).
-    second_moment_scale: ``'unscaled'`` (the reference) or ``'damping'``, see
-      :func:`scale_by_mac`.
+    second_moment_scale: ``'unit'`` (the reference) or ``'damping'``, see
+      :func:`scale_by_second_moments`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`; its
@@ -104,12 +108,31 @@ def mac(
     ICDM 2025.
   """
   return optax.chain(
-      _transform.scale_by_mac(
-          layers, damping, stat_decay, t_cov, t_inv, scale=scale,
-          axis_name=axis_name, second_moments=second_moments,
-          second_moment_scale=second_moment_scale,
-      ),
+      *preconditioners(layers, damping, stat_decay, t_cov, t_inv, scale=scale,
+                       axis_name=axis_name, second_moments=second_moments,
+                       second_moment_scale=second_moment_scale),
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def preconditioners(
+    layers: _geometry.Layers, damping, stat_decay, t_cov, t_inv, *,
+    scale: _preconditioner.Scale = 'damping', axis_name: Any = None,
+    second_moments: Any = None,
+    second_moment_scale: _preconditioner.Scale = 'unit',
+) -> list[optax.GradientTransformationExtraArgs]:
+  """``[scale_by_mac]``, after ``scale_by_second_moments`` if given them."""
+  scale = _preconditioner.check_scale('scale', scale)
+  second_moment_scale = _preconditioner.check_scale('second_moment_scale',
+                                                    second_moment_scale)
+  chain = []
+  if second_moments is not None:
+    chain.append(_second_moments.scale_by_second_moments(
+        layers, second_moments, damping, t_inv, scale=second_moment_scale))
+    layers = layers.without(_second_moments.moments_by_path(second_moments))
+  chain.append(_transform.scale_by_mac(
+      layers, damping, stat_decay, t_cov, t_inv, scale=scale,
+      axis_name=axis_name))
+  return chain

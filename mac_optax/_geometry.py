@@ -114,7 +114,14 @@ class Layers(Mapping[Path, LayerSpec]):
   (``modules``), the layers it saw but cannot precondition, with the reason
   (``unsupported``), and the modules called under an attention rule
   (``attention``), for :func:`summary`.
+
+  ``allow_empty`` says that finding no layer is accepted (``find_layers(...,
+  allow_empty=True)``); ``handled_elsewhere`` holds layers taken out with
+  :meth:`without`, whose statistics the optimizer then ignores.
   """
+
+  allow_empty: bool = False
+  handled_elsewhere: frozenset = frozenset()
 
   def __init__(
       self,
@@ -155,6 +162,142 @@ class Layers(Mapping[Path, LayerSpec]):
           f'{what} for {path_str(path)}, which is not a preconditioned layer'
           f' of `layers` (known: {self.known()}).')
     return self._specs[path]
+
+  def without(self, paths: Iterable[Path]) -> Layers:
+    """These layers minus ``paths``, which another transform preconditions.
+
+    The modules stay known (so ``init`` does not take their kernels for
+    another model's), and ``scale_by_mac`` ignores their statistics.
+    """
+    paths = frozenset(paths)
+    rest = Layers({p: s for p, s in self._specs.items() if p not in paths},
+                  self.modules, self.unsupported, self.value_sources,
+                  self.attention, self.with_rule)
+    # Nothing runs unpreconditioned because of the split.
+    rest.allow_empty = self.allow_empty or bool(paths & set(self._specs))
+    rest.handled_elsewhere = self.handled_elsewhere | paths
+    return rest
+
+
+def active_layers(layers: Layers, params: Any) -> dict[Path, LayerSpec]:
+  """Layers whose kernel is present (not masked out) in ``params``.
+
+  Raises when a layer's kernel or bias is missing, misshapen, or masked apart
+  from its bias.
+  """
+  active = {}
+  for path, spec in layers.items():
+    node = lookup(params, path)
+    where = f'layer {path_str(path)} ({spec.module})'
+    if not isinstance(node, Mapping) or 'kernel' not in node:
+      raise ValueError(
+          f'{where}: `layers` lists it but params/{path_str(path)} has no'
+          ' "kernel". Were the layers found on another model?'
+      )
+    # Boxed parameters (nn.Partitioned, NNX Variables) hold the array, or
+    # the MaskedNode of a mask given per array rather than per box.
+    kernel = _boxes.unbox(node['kernel'])
+    kernel_masked = isinstance(kernel, optax.MaskedNode)
+    bias = _boxes.unbox(node.get('bias'))
+    if spec.has_bias and bias is None:
+      raise ValueError(f'{where}: params/{path_str(path)} has no "bias".')
+    if spec.has_bias and isinstance(bias, optax.MaskedNode) != kernel_masked:
+      raise ValueError(
+          f'{where}: kernel and bias are preconditioned jointly and must be'
+          ' masked (or partitioned) together.'
+      )
+    if kernel_masked:
+      continue
+    shape = tuple(np.shape(kernel))
+    if shape != spec.kernel_shape:
+      raise ValueError(
+          f'{where}: kernel shape {shape}, expected {spec.kernel_shape}.'
+      )
+    active[path] = spec
+  return active
+
+
+def nest(flat: Mapping[Path, Any]) -> Any:
+  """{module path: value} -> nested dicts keyed like the params.
+
+  A layer at the root (a model that is one ``Dense``) gives the value itself.
+  """
+  if () in flat:
+    if len(flat) > 1:
+      raise ValueError(_nesting_conflict((), next(p for p in flat if p)))
+    return flat[()]
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for depth, key in enumerate(path[:-1]):
+      node = node.setdefault(key, {})
+      if not isinstance(node, dict):
+        raise ValueError(_nesting_conflict(path[:depth + 1], path))
+    if path[-1] in node:
+      raise ValueError(_nesting_conflict(path, path + ('...',)))
+    node[path[-1]] = value
+  return tree
+
+
+def _nesting_conflict(outer: Path, inner: Path) -> str:
+  return (
+      f'MAC keeps per-layer state in dicts keyed by module path, and layer'
+      f' {path_str(outer)} owns a kernel while a module inside it'
+      f' ({path_str(inner)}) is preconditioned too. Precondition one of them'
+      ' only (optax.masked / optax.partition), or give the inner kernel to a'
+      ' module that is not inside a preconditioned layer.')
+
+
+class PerLayerFields:
+  """Stands for a per-layer field of a state when the params are unknown.
+
+  ``optax.tree.map_params`` calls ``init`` with a placeholder instead of the
+  params, to find the parameter-shaped parts of the state. Which layers have
+  state depends on the params (``optax.masked``/``partition`` leave some out),
+  so each per-layer field is one opaque leaf there, standing for the whole
+  field of the real state.
+  """
+
+  def __repr__(self) -> str:
+    return '<per-layer MAC statistics>'
+
+
+def layer_gradients(updates: Any, paths: Iterable[Path], layers: Layers
+                    ) -> dict[Path, tuple[jax.Array, jax.Array | None]]:
+  """``{path: (kernel, bias)}`` of the layers' gradients, boxes unwrapped."""
+  gradients = {}
+  for path in paths:
+    spec = layers[path]
+    node = lookup(updates, path)
+    if not isinstance(node, Mapping):
+      node = {}
+    kernel = _boxes.unbox(node.get('kernel'))
+    bias = _boxes.unbox(node.get('bias'))
+    if kernel is None or (spec.has_bias and bias is None):
+      raise ValueError(
+          f'layer {path_str(path)} ({spec.module}): the updates have no'
+          f' {"kernel" if kernel is None else "bias"} at'
+          f' {path_str(path)}; they must have the structure of params.'
+      )
+    gradients[path] = (kernel, bias if spec.has_bias else None)
+  return gradients
+
+
+def replace_layer_gradients(updates: Any, new: Mapping[Path, tuple]) -> Any:
+  """``updates`` with the kernels and biases of ``new`` put in, boxes kept."""
+  leaves = {}
+  for path, (kernel, bias) in new.items():
+    leaves[path + ('kernel',)] = kernel
+    if bias is not None:
+      leaves[path + ('bias',)] = bias
+
+  def replace(keys, leaf):
+    path = tuple(key_name(k) for k in keys)
+    # A boxed update keeps its box: sharding names survive the step.
+    return _boxes.rebox(leaf, leaves[path]) if path in leaves else leaf
+
+  return jax.tree_util.tree_map_with_path(replace, updates,
+                                          is_leaf=_boxes.is_leaf_box)
 
 
 def check_exact_factor(spec: LayerSpec, where: str) -> None:

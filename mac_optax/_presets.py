@@ -9,7 +9,6 @@ import optax
 
 from mac_optax import _geometry
 from mac_optax import _alias
-from mac_optax import _transform
 
 PRECONDITIONED = 'mac'
 REST = 'rest'
@@ -154,7 +153,7 @@ def preconditioned(
     stat_decay: see :func:`scale_by_mac`.
     t_cov: see :func:`scale_by_mac`.
     t_inv: see :func:`scale_by_mac`.
-    **mac_options: other arguments of :func:`scale_by_mac` (``scale``,
+    **mac_options: other arguments of :func:`mac` (``scale``,
       ``axis_name``, ``second_moments``, ``second_moment_scale``).
 
   Returns:
@@ -175,7 +174,7 @@ def preconditioned(
     'ScaleByMacState'
   """
   return optax.chain(
-      _transform.scale_by_mac(layers, damping, stat_decay, t_cov, t_inv,
+      *_alias.preconditioners(layers, damping, stat_decay, t_cov, t_inv,
                               **mac_options),
       inner,
   )

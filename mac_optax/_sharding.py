@@ -134,7 +134,7 @@ def state_sharding(
     ...     tx, params, {'kernel': P(None, 'model'), 'bias': P('model')})
     >>> specs[1].trace['kernel'] == P(None, 'model')  # momentum: like params
     True
-    >>> specs[0].mean_input['mean_input'] == P()  # MAC statistic: replicated
+    >>> specs[0].mean_input == P()  # MAC statistic: replicated
     True
   """
   abstract = jax.eval_shape(tx.init, params)

@@ -390,7 +390,8 @@ def linen_run(layout_name=None, *, accumulate=False):
       params, state, stats = step(params, state, x, y)
       if i == 0:
         results.update(_flat(stats, 'stats'))
-    mac_state = state.inner_opt_state[0] if accumulate else state[0]
+    # [0] is the first-layer factor of 'up', [1] MAC's rank-one layers.
+    mac_state = state.inner_opt_state[1] if accumulate else state[1]
     results.update(_flat(params, 'params'))
     results.update(_flat(mac_state.mean_input, 'mean_input'))
     if sharded:
@@ -400,8 +401,8 @@ def linen_run(layout_name=None, *, accumulate=False):
           state, state_shardings)
       results['state_sharding_matches'] = np.asarray(
           all(jax.tree.leaves(same)))
-      momentum = (state_shardings.inner_opt_state[1] if accumulate
-                  else state_shardings[1]).trace
+      momentum = (state_shardings.inner_opt_state[2] if accumulate
+                  else state_shardings[2]).trace
       results['momentum_spec/up/kernel'] = np.asarray(
           str(momentum['up']['kernel'].spec))
 

@@ -202,7 +202,7 @@ def fsdp_run():
   specs = {
       'momentum': state[1].trace['fc1']['kernel'].sharding.spec,
       'param': params['fc1']['kernel'].sharding.spec,
-      'statistic': state[0].mean_input['fc1']['mean_input'].sharding.spec,
+      'statistic': state[0].mean_input['fc1'].sharding.spec,
   }
   return {'params': params, 'stats': state[0].mean_input,
           'specs': {k: np.asarray(str(v)) for k, v in specs.items()}}

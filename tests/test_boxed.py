@@ -216,7 +216,7 @@ def test_state_sharding_of_boxed_params():
   assert trace['Dense_0']['kernel'].names == ('embed', 'mlp')
   assert trace['Dense_1']['kernel'].value == P('model', None)
   assert trace['Dense_1']['bias'] == P()  # unboxed: the default spec
-  assert shardings[0].mean_input['Dense_0']['mean_input'] == P()
+  assert shardings[0].mean_input['Dense_0'] == P()
   # Boxed param_sharding (a tree like params) gives the same.
   assert mac_optax.state_sharding(
       tx, params, jax.tree.map(

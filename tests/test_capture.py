@@ -361,9 +361,9 @@ def test_injected_attention_weights_do_not_leak():
 
 def test_init_records_nothing():
   model = _CNN()
-  tracker = mac_optax._tracking.Tracker(
-      mac_optax._rules.Options(), mac_optax._capture.record_linen)
-  interceptor = mac_optax._capture.Interceptor(tracker)
+  tracker = mac_optax._capture.tracking.Tracker(
+      mac_optax._capture.rules.Options(), mac_optax._capture.linen.sow_entry)
+  interceptor = mac_optax._capture.linen.Interceptor(tracker)
   with nn.intercept_methods(interceptor):
     variables = model.init(jax.random.key(0), jnp.ones((2, 5, 5, 3)))
   assert set(variables) == {'params', 'batch_stats'}

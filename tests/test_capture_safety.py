@@ -132,7 +132,7 @@ def test_an_apply_inside_a_transformation_of_the_wrapper_raises():
     mac_optax.capture(forward)(variables, x)
   _, stats = mac_optax.capture(forward, allow_empty=True)(variables, x)
   assert not stats
-  assert nn.Module.apply is mac_optax._capture.ORIGINAL_APPLY  # pylint: disable=protected-access
+  assert nn.Module.apply is mac_optax._capture.module_apply.ORIGINAL_APPLY  # pylint: disable=protected-access
 
 
 # ---------------------------------------------------------------------------

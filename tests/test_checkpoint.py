@@ -77,12 +77,11 @@ def _check_restored(run, restored_params, restored_state):
   # Not just structurally equal: the counters and the second moment are the
   # saved ones, not the fresh template's zeros.
   assert int(restored_state.mini_step) == 1
-  mac_state = restored_state.inner_opt_state[0]
+  first_layer, mac_state = restored_state.inner_opt_state[:2]
   assert int(mac_state.count) == INTERRUPT_AT // K
-  np.testing.assert_array_equal(
-      mac_state.exact_factors['embed']['second_moment'],
-      run['moments']['embed']['second_moment'])
-  assert np.abs(mac_state.exact_factors['embed']['damped_inverse']).max() > 0
+  np.testing.assert_array_equal(first_layer.second_moment['embed'],
+                                run['moments']['embed']['second_moment'])
+  assert np.abs(first_layer.damped_inverse['embed']).max() > 0
   resumed = _resume(run, restored_params, restored_state)
   _assert_identical(resumed, run['final'])
 
@@ -113,11 +112,12 @@ def test_an_unsaved_counter_would_change_the_run(run):
   """The check above can fail: resuming with the step counters reset (as the
   reference's resume does) gives a different run."""
   params, state = run['saved']
-  mac_state = state.inner_opt_state[0]
+  first_layer, mac_state = state.inner_opt_state[:2]
   reset = state._replace(inner_opt_state=(
+      first_layer,
       mac_state._replace(count=mac_state.count * 0,
                          stat_count=mac_state.stat_count * 0),
-  ) + tuple(state.inner_opt_state[1:]))
+  ) + tuple(state.inner_opt_state[2:]))
   resumed, _ = _resume(run, params, reset)
   final, _ = run['final']
   assert any(not np.array_equal(a, b) for a, b in zip(

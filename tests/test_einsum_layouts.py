@@ -89,8 +89,13 @@ def _one_update(layers, params, stats, seed=5, **kwargs):
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   grads = jax.tree.unflatten(treedef, [
       jax.random.normal(k, jnp.shape(leaf)) for k, leaf in zip(keys, leaves)])
-  tx = mac_optax.scale_by_mac(layers, damping=DAMPING, stat_decay=0.9,
-                              t_cov=1, t_inv=1, **kwargs)
+  hyper = dict(damping=DAMPING, stat_decay=0.9, t_cov=1, t_inv=1)
+  tx = mac_optax.scale_by_mac(layers, **hyper)
+  if 'second_moments' in kwargs:
+    tx = mac_optax.mac(1.0, layers=layers, momentum=0.0, weight_decay=0.0,
+                       **hyper, **kwargs)
+    # mac steps by -learning_rate times the preconditioned gradient.
+    tx = optax.chain(tx, optax.scale(-1.0))
   updates, _ = tx.update(grads, tx.init(params), params, mac_stats=stats)
   return grads, updates
 

@@ -167,15 +167,16 @@ def _flat_grad(grad, spec):
   return np.concatenate(rows)
 
 
-@pytest.mark.parametrize('convention', ['unscaled', 'damping'])
+@pytest.mark.parametrize('convention', ['unit', 'damping'])
 def test_mac_applies_the_damped_inverse_to_the_first_layer_only(
     vit, vit_moments, convention):
   _, params, layers, _, _ = vit
   moments, stats, grads = vit_moments
   sigma = np.asarray(moments['embed']['second_moment'], np.float64)
-  exact = mac_optax.scale_by_mac(layers, damping=DAMPING,
-                                 second_moments=moments,
-                                 second_moment_scale=convention)
+  exact = optax.chain(
+      mac_optax.scale_by_second_moments(layers, moments, damping=DAMPING,
+                                        scale=convention),
+      mac_optax.scale_by_mac(layers.without([('embed',)]), damping=DAMPING))
   rank_one = mac_optax.scale_by_mac(layers, damping=DAMPING)
   updates, state = jax.jit(exact.update)(grads, exact.init(params), params,
                                          mac_stats=stats)
@@ -198,9 +199,8 @@ def test_mac_applies_the_damped_inverse_to_the_first_layer_only(
   # The only d x d state is the first layer's; it has no rank-one EMA.
   square = [k for k, v in small_vit.flat(state).items()
             if v.ndim == 2 and v.shape[0] == v.shape[1] and v.shape[0] > 2]
-  assert sorted(square) == ['exact_factors/embed/damped_inverse',
-                            'exact_factors/embed/second_moment']
-  assert 'embed' not in state.mean_input_ema
+  assert sorted(square) == ['0/damped_inverse/embed', '0/second_moment/embed']
+  assert 'embed' not in state[1].mean_input_ema
 
 
 def test_injected_damping_reaches_the_inverse_at_the_next_refresh(
@@ -208,14 +208,14 @@ def test_injected_damping_reaches_the_inverse_at_the_next_refresh(
   _, params, layers, _, _ = vit
   moments, stats, grads = vit_moments
   sigma = np.asarray(moments['embed']['second_moment'], np.float64)
-  tx = optax.inject_hyperparams(mac_optax.scale_by_mac)(
-      layers=layers, damping=0.5, t_inv=2, second_moments=moments)
+  tx = optax.inject_hyperparams(mac_optax.scale_by_second_moments)(
+      layers=layers, second_moments=moments, damping=0.5, t_inv=2)
   update = jax.jit(tx.update)
   state = tx.init(params)
   expected_damping = [0.5, 0.5, 2.0]  # set to 2 after step 0; refresh at 2
   for step, damping in enumerate(expected_damping):
     _, state = update(grads, state, params, mac_stats=stats)
-    inverse = state.inner_state.exact_factors['embed']['damped_inverse']
+    inverse = state.inner_state.damped_inverse['embed']
     np.testing.assert_allclose(
         inverse, np.linalg.inv(sigma + damping * np.eye(len(sigma))),
         rtol=1e-4, atol=1e-6, err_msg=f'step {step}')
@@ -256,5 +256,9 @@ def test_bad_requests_name_the_layer(vit):
                      r'\(Conv\) has shape \(3, 3\), expected \(17, 17\)'):
     mac_optax.mac(0.1, layers=layers,
                   second_moments={'embed': {'second_moment': jnp.eye(3)}})
+  moments = {'embed': {'second_moment': jnp.eye(17)}}
+  with pytest.raises(ValueError, match='scale must be one of'):
+    mac_optax.scale_by_second_moments(layers, moments, scale='scaled')
   with pytest.raises(ValueError, match='second_moment_scale must be one of'):
-    mac_optax.scale_by_mac(layers, second_moment_scale='scaled')
+    mac_optax.mac(0.1, layers=layers, second_moments=moments,
+                  second_moment_scale='scaled')

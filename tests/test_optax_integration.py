@@ -227,4 +227,4 @@ def test_map_params_reaches_only_param_shaped_state(problem):
                                  transform_non_params=lambda x: x)
   trace_state = mapped[1]
   assert trace_state.trace['fc1']['kernel'].dtype == jnp.bfloat16
-  assert mapped[0].mean_input_ema['fc1']['mean_input'].dtype == jnp.float32
+  assert mapped[0].mean_input_ema['fc1'].dtype == jnp.float32

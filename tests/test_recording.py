@@ -210,5 +210,5 @@ def test_calls_that_cannot_be_recorded_raise():
       pass
     _ = record.stats
   # Nothing stays patched afterwards.
-  assert nn.Module.apply is mac_optax._recording._ORIGINAL_APPLY  # pylint: disable=protected-access
+  assert nn.Module.apply is mac_optax._capture.module_apply.ORIGINAL_APPLY  # pylint: disable=protected-access
   np.testing.assert_array_equal(nnx_model(x), nnx_model(x))

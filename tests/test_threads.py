@@ -123,7 +123,7 @@ def _nnx_job(barrier, seed):
 
 
 def _assert_nothing_patched():
-  assert nn.Module.apply is mac_optax._capture.ORIGINAL_APPLY  # pylint: disable=protected-access
+  assert nn.Module.apply is mac_optax._capture.module_apply.ORIGINAL_APPLY  # pylint: disable=protected-access
   for cls in (nnx.Linear, nnx.Conv, nnx.MultiHeadAttention):
     assert not hasattr(vars(cls).get('__call__'), 'mac_optax_original'), cls
 
@@ -169,7 +169,7 @@ def test_a_thread_that_does_not_capture_runs_the_plain_models():
     outputs = (plain_linen.apply(plain_variables, x), plain_nnx(x))
     # model.apply looked up now is the dispatcher: capture still works.
     apply = plain_linen.apply
-    assert apply.__func__ is not mac_optax._capture.ORIGINAL_APPLY  # pylint: disable=protected-access
+    assert apply.__func__ is not mac_optax._capture.module_apply.ORIGINAL_APPLY  # pylint: disable=protected-access
     stats = mac_optax.capture(apply)(plain_variables, x)[1]
     barrier.wait(TIMEOUT_S)  # ... to here
     return outputs, stats

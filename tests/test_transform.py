@@ -59,7 +59,7 @@ def _flax_to_torch_order(mean, spec):
   return body
 
 
-@pytest.mark.parametrize('scale', ['reference', 'exact'])
+@pytest.mark.parametrize('scale', ['damping', 'unit'])
 def test_first_step_matches_dense_reference_preconditioner(setup, scale):
   _, params, layers, stats = setup
   damping = 0.7
@@ -72,7 +72,7 @@ def test_first_step_matches_dense_reference_preconditioner(setup, scale):
   assert layers[('grouped',)].blocks == 2
   assert layers[('depthwise',)].blocks == 4
   assert layers[('attn', 'value')].blocks == 2
-  factor = damping if scale == 'exact' else 1.0
+  factor = damping if scale == 'unit' else 1.0
   for path, spec in layers.items():
     grad, update = _get(grads, path), _get(updates, path)
     mean = np.asarray(_get(stats, path)['mean_input'], np.float64)
@@ -108,7 +108,9 @@ def test_dense_identity_of_rank_one_form():
   grads = {'kernel': jnp.asarray(identity[:6]),
            'bias': jnp.asarray(identity[6])}
   stats = {'mean_input': jnp.asarray(mean, jnp.float32)}
-  for scale, expected in (('reference', p), ('exact', inverse)):
+  # 'reference' and 'exact' are the earlier names of the two scales.
+  for scale, expected in (('damping', p), ('unit', inverse),
+                          ('reference', p), ('exact', inverse)):
     tx = mac_optax.scale_by_mac(layers, damping=damping, scale=scale)
     updates, _ = tx.update(grads, tx.init(params), params, mac_stats=stats)
     matrix = np.concatenate([updates['kernel'], updates['bias'][None]], axis=0)
@@ -145,7 +147,7 @@ def test_timeline_matches_reference_counters(t_cov, t_inv):
                             mac_stats={'mean_input': jnp.asarray(stat)})
     assert int(state.count) == t + 1
     assert int(state.stat_count) == reference.k
-    np.testing.assert_allclose(state.mean_input['mean_input'],
+    np.testing.assert_allclose(state.mean_input,
                                reference.mean['dense'], rtol=1e-5, atol=1e-6)
     weight, bias = oracles.precondition_torch(
         np.asarray(grads['kernel'], np.float64).T,
@@ -165,14 +167,14 @@ def test_preconditioner_frozen_between_refreshes():
   state = tx.init(params)
   first = {'mean_input': jnp.array([1.0, 2.0, 3.0, 1.0])}
   _, state = tx.update(params, state, mac_stats=first)
-  refreshed = state.mean_input['mean_input']
+  refreshed = state.mean_input
   np.testing.assert_allclose(refreshed, first['mean_input'], rtol=1e-6)
   for t in range(1, 10):
     stats = {'mean_input': jnp.array([t, -t, 0.5 * t, 1.0])}
     _, state = tx.update(params, state, mac_stats=stats)
-    np.testing.assert_array_equal(state.mean_input['mean_input'], refreshed)
+    np.testing.assert_array_equal(state.mean_input, refreshed)
   _, state = tx.update(params, state, mac_stats=first)
-  assert not np.allclose(state.mean_input['mean_input'], refreshed)
+  assert not np.allclose(state.mean_input, refreshed)
 
 
 def test_zero_activation_stays_finite():
@@ -198,7 +200,7 @@ def test_bf16_params_keep_dtype_and_fp32_state():
                                           mac_stats=stats)
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
   mac_state = new_state[0]
-  assert mac_state.mean_input_ema['mean_input'].dtype == jnp.float32
+  assert mac_state.mean_input_ema.dtype == jnp.float32
   chex.assert_trees_all_equal_dtypes(new_state, state)
   grads32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
   weight, bias = oracles.precondition_torch(

@@ -1,20 +1,18 @@
-"""Flax NNX capture of MAC's per-layer statistics.
+"""NNX module calls routed to a tracker: class ``__call__`` wrapping.
 
 NNX has no method interceptor, so while a capture runs, the ``__call__`` of
 every module class in the model that has a rule (and of the norms that
 attention rules name) is wrapped. The wrapper hands the call to the same
-:class:`~mac_optax._tracking.Tracker` that linen uses; statistics are stored
-in a :class:`MacStats` variable that each module holds during the capture, so
-they come out of NNX transforms such as ``nnx.scan`` stacked like the
-kernels. That variable is MAC's own, not ``nnx.capture``'s storage, so a
-model's own ``nnx.capture(..., nnx.Intermediate)`` works around or inside a
-MAC capture. Every module is tagged with its path first, as a plain attribute
-that the copies NNX transforms make keep.
+:class:`~mac_optax._capture.tracking.Tracker` that linen uses. Every module is
+tagged with its path first, as a plain attribute that the copies NNX
+transforms make keep.
 
 A class's ``__call__`` is wrapped once for all threads while any capture
 needs it (counted) and restored after the last; the wrapper hands each call to
 the tracker of the calling thread, or runs the original where that thread
-captures nothing.
+captures nothing. Linen uses the same wrapping for NNX models inside linen
+(``nnx.bridge.ToLinen``, see :func:`hosted`) and to refuse NNX layers that no
+capture tracks (:func:`refusing`).
 """
 
 from __future__ import annotations
@@ -27,15 +25,13 @@ from typing import Any, Callable, Iterator
 
 from flax import nnx
 
-from mac_optax import _capture
-from mac_optax import _rules
 from mac_optax import _stats
-from mac_optax import _tracking
+from mac_optax._capture import rules
+from mac_optax._capture import tracking
 
 Path = _stats.Path
 path_str = _stats.path_str
 _PATH_ATTRIBUTE = '_mac_optax_path'
-_STATS_ATTRIBUTE = '_mac_optax_stats'
 
 
 class _ThreadState(threading.local):
@@ -52,16 +48,6 @@ _HOOK_LOCK = threading.Lock()
 # Wrapped classes: [how many captures need the wrapper, the class's own
 # __call__ before (None when inherited)].
 _HOOKS: dict[type, list[Any]] = {}
-
-
-class MacStats(nnx.Variable):
-  """Per-call MAC statistics sown by NNX layers during a capture."""
-
-
-def is_nnx(target: Any) -> bool:
-  """Whether ``target`` is an NNX module or a bound method of one."""
-  return isinstance(target, nnx.Module) or (
-      inspect.ismethod(target) and isinstance(target.__self__, nnx.Module))
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,25 +67,6 @@ class _Probe:
     if self._module is not None:
       return self._module.sow(variable_type, name, value, *args, **kwargs)
     return True
-
-
-def _record(module, path: Path, entry) -> None:
-  storage = vars(module).get(_STATS_ATTRIBUTE)
-  if not isinstance(storage, MacStats):
-    raise ValueError(
-        f'NNX layer {path_str(path)} ({type(module).__name__}) was called'
-        ' during a capture but is not a module of the captured model as it'
-        ' was when the capture began.'
-    )
-  name = _capture.STAT_NAME
-  storage[name] = (storage[name] if name in storage else ()) + (entry,)
-
-
-def kernel_owners(model: nnx.Module) -> list[tuple[Path, str]]:
-  """``(path, class name)`` of the modules of ``model`` that own a kernel."""
-  return [(tuple(path), type(module).__name__)
-          for path, module in nnx.iter_modules(model)
-          if isinstance(vars(module).get('kernel'), nnx.Variable)]
 
 
 def _attention(tracker, module, path, rule, bound, original):
@@ -133,7 +100,7 @@ def _attention(tracker, module, path, rule, bound, original):
 
 def _own_call(cls: type, rule) -> Callable[..., Any]:
   """The ``__call__`` function of the class that ``rule`` was registered for."""
-  function = _tracking.rule_owner(cls, rule).__call__
+  function = tracking.rule_owner(cls, rule).__call__
   return getattr(function, 'mac_optax_original', function)
 
 
@@ -183,11 +150,11 @@ def _tracked_call(original, self, args, kwargs):
     return original(self, *args, **kwargs)
   bound = _signature(original).bind(self, *args, **kwargs)
   bound.apply_defaults()
-  attention = _rules.attention_rule_of(self)
+  attention = rules.attention_rule_of(self)
   if attention is not None:
     return _attention(tracker, self, path, attention, bound, original)
   run = lambda: original(*bound.args, **bound.kwargs)
-  rule = _rules.rule_of(self)
+  rule = rules.rule_of(self)
   if rule is None:
     return tracker.other_call(self, path, run)
   inputs = list(bound.arguments.values())[1]
@@ -202,17 +169,17 @@ def _classes_to_wrap(modules) -> set[type]:
   classes = set()
   by_path = dict(modules)
   for path, module in modules:
-    layer_rule = _rules.rule_of(module)
+    layer_rule = rules.rule_of(module)
     if layer_rule is not None:
       classes.add(type(module))
       # Where a subclass overrides __call__, its super().__call__ records.
-      classes.add(_tracking.rule_owner(type(module), layer_rule))
-    rule = _rules.attention_rule_of(module)
+      classes.add(tracking.rule_owner(type(module), layer_rule))
+    rule = rules.attention_rule_of(module)
     if rule is not None:
       classes.add(type(module))
       for role in ('query_norm', 'key_norm'):
         name = getattr(rule, role)
-        child = by_path.get(tuple(path) + _rules.as_path(name)) if name else None
+        child = by_path.get(tuple(path) + rules.as_path(name)) if name else None
         if child is not None:
           classes.add(type(child))
   return classes
@@ -267,7 +234,8 @@ def _wrapping(classes, tracker) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tracking(model: nnx.Module, tracker: _tracking.Tracker) -> Iterator[None]:
+def tracking_model(model: nnx.Module,
+                   tracker: tracking.Tracker) -> Iterator[None]:
   """Routes the NNX module calls of ``model`` to ``tracker`` while active."""
   modules = list(nnx.iter_modules(model))
   for path, module in modules:
@@ -285,13 +253,13 @@ def tracking(model: nnx.Module, tracker: _tracking.Tracker) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def hosted(root_class, prefix: Path, tracker: _tracking.Tracker,
-           record: Callable[[Any, Path, dict], None]) -> Iterator[None]:
+def hosted(root_class, prefix: Path, tracker: tracking.Tracker,
+           store: tracking.Store) -> Iterator[None]:
   """Tracks NNX models of ``root_class`` created and called meanwhile.
 
   For an NNX model inside linen (``nnx.bridge.ToLinen``), which builds a new
   instance on every call: each instance is tagged with paths under ``prefix``
-  when called, and its statistics go to ``record``.
+  when called, and its statistics go to ``store``.
   """
   if not isinstance(root_class, type):
     raise ValueError(
@@ -299,10 +267,10 @@ def hosted(root_class, prefix: Path, tracker: _tracking.Tracker,
         ' linen (nnx.bridge.ToLinen) only when it is given as a class, not'
         f' as a factory ({root_class!r}).'
     )
-  classes = [cls for cls in _rules.rule_classes()
+  classes = [cls for cls in rules.rule_classes()
              if issubclass(cls, nnx.Module)]
   with _wrapping(classes + [root_class], tracker), (
-      tracker.recording_to(record)), (
+      tracker.storing_to(store)), (
           _pushed(_THREAD.hosts, (root_class, prefix))):
     yield
 
@@ -316,108 +284,6 @@ _REFUSE = _Refuse()
 
 def refusing():
   """Makes calls of NNX layers that no capture tracks raise while active."""
-  classes = [cls for cls in _rules.rule_classes()
+  classes = [cls for cls in rules.rule_classes()
              if issubclass(cls, nnx.Module)]
   return _wrapping(classes, _REFUSE)
-
-
-def capture_call(model: nnx.Module, fn: Callable[[], Any],
-                 options: _rules.Options, recorder=None):
-  """Runs ``fn()`` capturing the statistics of ``model``'s layers.
-
-  Returns:
-    ``(fn(), mac_stats)``.
-  """
-  tracker = _tracking.Tracker(options, _record, recorder)
-  with tracking(model, tracker), _storing(model) as collect:
-    outputs = fn()
-    per_path = collect()
-  stats = _stats.nest({path: _stats.merge_layer(entries)
-                         for path, entries in per_path.items()})
-  return outputs, stats
-
-
-@contextlib.contextmanager
-def _storing(model: nnx.Module):
-  """Gives every module of ``model`` an empty :class:`MacStats` meanwhile.
-
-  Yields a function returning the entries stored so far, by module path. A
-  variable of the module's own (not ``nnx.capture``'s ``__captures__``, which
-  an ``nnx.capture`` around or inside would replace), so NNX transforms carry
-  it like any other state. What was there before (a capture of the same model
-  around this one) is put back.
-  """
-  modules = list(nnx.iter_modules(model))
-  before = [vars(module).get(_STATS_ATTRIBUTE) for _, module in modules]
-  for _, module in modules:
-    setattr(module, _STATS_ATTRIBUTE, MacStats({}))
-
-  def collect() -> dict[Path, list]:
-    per_path: dict[Path, list] = {}
-    for path, module in modules:
-      storage = vars(module).get(_STATS_ATTRIBUTE)
-      if isinstance(storage, MacStats) and _capture.STAT_NAME in storage:
-        per_path[tuple(path)] = list(storage[_capture.STAT_NAME])
-    return per_path
-
-  try:
-    yield collect
-  finally:
-    for (_, module), previous in zip(modules, before):
-      if previous is None:
-        if _STATS_ATTRIBUTE in vars(module):
-          delattr(module, _STATS_ATTRIBUTE)
-      else:
-        setattr(module, _STATS_ATTRIBUTE, previous)
-
-
-class NNXCapture:
-  """An NNX model (or bound method) that also returns MAC's statistics.
-
-  Created by :func:`mac_optax.capture`; see there.
-  """
-
-  def __init__(self, target, *, attention_aware=True, value_stat='reference',
-               depthwise_shared=True, allow_empty=False):
-    self.target = target
-    self.allow_empty = allow_empty
-    self.options = _rules.Options(attention_aware, value_stat,
-                                  depthwise_shared)
-    if value_stat not in _tracking.VALUE_STATS:
-      raise ValueError(
-          f'value_stat must be one of {_tracking.VALUE_STATS}, got'
-          f' {value_stat!r}.'
-      )
-
-  @property
-  def model(self) -> nnx.Module:
-    target = self.target
-    return target if isinstance(target, nnx.Module) else target.__self__
-
-  def bound_to(self, model: nnx.Module):
-    """The same capture for another instance (e.g. a merged copy)."""
-    target = model
-    if not isinstance(self.target, nnx.Module):
-      target = getattr(model, self.target.__name__)
-    return NNXCapture(target, **self._options_dict())
-
-  def _options_dict(self):
-    return dict(attention_aware=self.options.attention_aware,
-                value_stat=self.options.value_stat,
-                depthwise_shared=self.options.depthwise_shared,
-                allow_empty=self.allow_empty)
-
-  def __call__(self, *args, **kwargs):
-    outputs, stats = self.run(None, *args, **kwargs)
-    if not stats and not self.allow_empty:
-      owners = kernel_owners(self.model)
-      if owners:
-        raise _capture.no_statistics_error(
-            f'capture({type(self.model).__name__}) ran the model',
-            [p for p, _ in owners], dict(owners))
-    return outputs, stats
-
-  def run(self, recorder, *args, **kwargs):
-    """Calls the model; ``recorder`` (or None) collects layer facts."""
-    return capture_call(self.model, lambda: self.target(*args, **kwargs),
-                        self.options, recorder)

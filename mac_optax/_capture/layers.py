@@ -1,26 +1,26 @@
-"""Which layers MAC preconditions, and their geometry."""
+"""Which layers MAC preconditions: their geometry, and the summary table.
+
+:func:`layers_from` turns what a traced pass saw into :class:`Layers`, each
+layer's :class:`LayerCall` completed from the parameters; :func:`summary`
+tells for every parameter whether (and how) MAC preconditions it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Mapping
 import warnings
 
 from flax import nnx
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from mac_optax import _boxes
 from mac_optax import _geometry
-from mac_optax import _capture
-from mac_optax import _nnx
-from mac_optax import _recording
-from mac_optax import _rules
 from mac_optax import _stats
-from mac_optax import _tracking
+from mac_optax._capture import common
+from mac_optax._capture import rules
+from mac_optax._capture import tracking
 
 Path = _geometry.Path
 path_str = _geometry.path_str
@@ -43,7 +43,7 @@ def _check_against_params(path: Path, spec: LayerSpec, params: Any) -> None:
     )
 
 
-def _kernel_axes(path: Path, call: _rules.LayerCall, stacked: int,
+def _kernel_axes(path: Path, call: rules.LayerCall, stacked: int,
                  ndim: int) -> tuple[int, ...] | None:
   """The permutation from the stored kernel to canonical order, or None.
 
@@ -74,15 +74,23 @@ def _kernel_axes(path: Path, call: _rules.LayerCall, stacked: int,
 
 
 def _spec_from_params(
-    path: Path, call: _rules.LayerCall, stat_shape: tuple[int, ...],
+    path: Path, call: rules.LayerCall, stat_shape: tuple[int, ...],
     params: Any,
 ) -> LayerSpec:
+  """The layer's :class:`LayerSpec`: the call's geometry, completed.
+
+  Axes of the statistic before its ``([blocks,] d)`` are stacked ones (added
+  by ``nn.scan``, unknown to the rule); the kernel axes after the stacked and
+  input ones are the output features.
+  """
   per_layer = (call.blocks, 0) if call.blocks > 1 else (0,)
   stack_shape = tuple(stat_shape[: len(stat_shape) - len(per_layer)])
-  partial = LayerSpec(call.kind, call.module, call.in_shape, (), call.blocks,
-                      call.has_bias, stack_shape)
+  partial = LayerSpec(kind=call.kind, module=call.module,
+                      in_shape=call.in_shape, out_shape=(), blocks=call.blocks,
+                      has_bias=call.has_bias, stack_shape=stack_shape)
   _check_against_params(path, partial, params)
-  kernel_shape = tuple(np.shape(_boxes.unbox(_geometry.lookup(params, path)['kernel'])))
+  node = _geometry.lookup(params, path)
+  kernel_shape = tuple(np.shape(_boxes.unbox(node['kernel'])))
   kernel_axes = _kernel_axes(path, call, len(stack_shape), len(kernel_shape))
   if kernel_axes is not None:
     stored = kernel_shape
@@ -105,7 +113,7 @@ def _spec_from_params(
         f' into {spec.blocks} blocks.'
     )
   if spec.has_bias:
-    bias_shape = tuple(np.shape(_boxes.unbox(_geometry.lookup(params, path)['bias'])))
+    bias_shape = tuple(np.shape(_boxes.unbox(node['bias'])))
     if bias_shape != spec.bias_shape:
       raise ValueError(
           f'layer {path_str(path)}: bias shape {bias_shape}, expected'
@@ -114,147 +122,31 @@ def _spec_from_params(
   return spec
 
 
-def find_layers(apply_fn: Callable[..., Any], *args, params: Any = None,
-                allow_empty: bool = False, **kwargs) -> Layers:
-  """Finds the layers MAC preconditions by tracing one forward pass.
-
-  The forward pass runs under ``jax.eval_shape``, so it costs no FLOPs. Pass
-  the same arguments as in training (including ``mutable=['batch_stats']``,
-  ``rngs=`` or a ``train`` flag): layers that a different call would skip are
-  not found.
-
-  A model whose training call uses a collective over a named axis (a
-  ``BatchNorm(axis_name='batch')`` meant for ``pmap``/``shard_map``) is traced
-  with that axis bound, of size 1: the names come from the error JAX raises
-  for an unbound one. The layers found are those of the per-device call.
-
-  When no layer is found although the parameters have kernels, it raises,
-  naming the modules that own them (teach MAC their classes with
-  :func:`register_layer`), unless ``allow_empty=True``. Modules that own a
-  kernel but have no rule, beside layers found, get a warning naming them.
-
-  Linen: ``find_layers(model.apply, variables, *args, **kwargs)``. NNX:
-  ``find_layers(model, *args, **kwargs)``; the model is not changed. A loss
-  function decorated with :func:`with_stats` (for models called inside code
-  you do not own): ``find_layers(loss_fn, *args, params=params, **kwargs)``,
-  where ``params`` is the parameter tree the optimizer will see (NNX models
-  among ``args`` provide their own).
+def layers_from(survey: tracking.Survey, stats: Any, params: Any,
+                allow_empty: bool, nnx_models) -> Layers:
+  """The :class:`Layers` of a traced pass, checked against ``params``.
 
   Args:
-    apply_fn: ``model.apply`` (linen) or a function that calls it (whose
-      first argument is the variables or the parameter tree), the model
-      (NNX), or the :func:`capture` wrapper used for training when it was
-      built with non-default options.
-    *args: the arguments of the call: for linen the variables
-      (``{'params': ..., ...}``) and then the inputs.
-    params: with a :func:`with_stats` function, the parameters of its linen
-      models.
-    allow_empty: accept finding no layer where the model has kernels (the
-      returned ``Layers`` then has ``allow_empty = True``, which
-      :func:`scale_by_mac` requires to run without layers).
-    **kwargs: keyword arguments of the call.
-
-  Returns:
-    A :class:`Layers` mapping, to pass as ``layers=`` to :func:`mac` or
-    :func:`scale_by_mac`.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, mac_optax
-    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
-    >>> x = jnp.ones((4, 3))
-    >>> variables = model.init(jax.random.key(0), x)
-    >>> mac_optax.find_layers(model.apply, variables, x)
-    Layers(layers_0, layers_2)
+    survey: what the pass saw.
+    stats: the shapes of the statistics it made.
+    params: the parameter tree the optimizer will see.
+    allow_empty: accept no layer where the parameters have kernels.
+    nnx_models: the NNX models the pass ran (they name the modules that no
+      call reached).
   """
-  recorder = _tracking.Recorder()
-  nnx_models = [arg for arg in args if isinstance(arg, nnx.Module)]
-  decorated = getattr(apply_fn, 'mac_optax_with_stats', None)
-  if decorated is not None:
-    stats, found_params = _trace_with_stats(decorated, recorder, args, kwargs)
-    params = found_params if params is None else params
-    if params is None:
-      raise TypeError(
-          'find_layers(loss_fn, *args, params=...): give the parameter tree of'
-          ' the linen models the loss function calls.'
-      )
-  elif isinstance(apply_fn, _nnx.NNXCapture) or _nnx.is_nnx(apply_fn):
-    capture_fn = apply_fn
-    if not isinstance(capture_fn, _nnx.NNXCapture):
-      capture_fn = _nnx.NNXCapture(apply_fn)
-    graphdef, state = nnx.split(capture_fn.model)
-    _, stats = _eval_shape(
-        lambda s: capture_fn.bound_to(nnx.merge(graphdef, s)).run(
-            recorder, *args, **kwargs),
-        state, recorder=recorder,
-    )
-    params = nnx.state(capture_fn.model, nnx.Param)
-    nnx_models = [capture_fn.model]
-  else:
-    if not isinstance(apply_fn, _capture.Capture):
-      apply_fn = _capture.Capture(apply_fn)
-    if not args:
-      raise TypeError('find_layers(model.apply, variables, *inputs): the'
-                      ' variables are missing.')
-    variables = args[0]
-    _, stats = _eval_shape(
-        lambda: apply_fn.apply_with_recorder(recorder, *args, **kwargs),
-        recorder=recorder,
-    )
-    # A wrapper may take the parameter tree itself first.
-    params = (_capture.params_of(variables)
-              if isinstance(variables, Mapping) else {})
   specs = {}
   for path, stat in (_stats.mean_inputs(stats) if stats else {}).items():
     specs[path] = _spec_from_params(
-        path, recorder.layers[path], tuple(stat.shape), params
+        path, survey.layers[path], tuple(stat.shape), params
     )
-  _check_found(specs, params, recorder, allow_empty, nnx_models)
-  layers = Layers(specs, recorder.modules, recorder.unsupported,
-                  recorder.value_sources, recorder.attention,
-                  recorder.with_rule)
+  _check_found(specs, params, survey, allow_empty, nnx_models)
+  layers = Layers(specs, survey.modules, survey.unsupported,
+                  survey.value_sources, survey.attention, survey.with_rule)
   layers.allow_empty = allow_empty
   return layers
 
 
-def _unbound_axis_name(error: NameError) -> str | None:
-  """The axis name of JAX's 'unbound axis name: <name>' error, or None."""
-  found = re.search(r'unbound axis name:? ([^\s.]+)', str(error))
-  return found.group(1) if found else None
-
-
-def _eval_shape(fn: Callable[..., Any], *operands,
-                recorder: _tracking.Recorder):
-  """``jax.eval_shape(fn, *operands)``, binding unbound collective axes.
-
-  A collective over an axis name that only ``pmap``/``shard_map`` would bind
-  (``BatchNorm(axis_name='batch')``'s mean) raises ``NameError`` outside of
-  them. Each such name is bound by an enclosing ``jax.vmap`` of size 1 and the
-  trace rerun (``recorder`` emptied first); the leading axes that these add
-  to the outputs are stripped again.
-  """
-  names: list[str] = []
-  while True:
-    traced = fn
-    for name in names:
-      traced = jax.vmap(traced, in_axes=None, axis_size=1, axis_name=name)
-    try:
-      outputs = jax.eval_shape(traced, *operands)
-    except NameError as error:
-      name = _unbound_axis_name(error)
-      if name is None or name in names:
-        raise
-      names.append(name)
-      for field in dataclasses.fields(recorder):
-        setattr(recorder, field.name, field.default_factory())
-      continue
-    if not names:
-      return outputs
-    return jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape[len(names):], leaf.dtype),
-        outputs)
-
-
-def _check_found(specs, params, recorder: _tracking.Recorder,
+def _check_found(specs, params, survey: tracking.Survey,
                  allow_empty: bool, nnx_models) -> None:
   """Raises when no layer was found but kernels exist; warns on ruleless ones.
 
@@ -267,65 +159,36 @@ def _check_found(specs, params, recorder: _tracking.Recorder,
                  for path, module in nnx.iter_modules(model)}
   unexplained = [
       path for path in _geometry.kernel_owners(params)
-      if path not in specs and path not in recorder.skipped
-      and path not in recorder.unsupported]
+      if path not in specs and path not in survey.skipped
+      and path not in survey.unsupported]
   if not specs:
     if unexplained and not allow_empty:
-      types = dict(recorder.modules)
+      types = dict(survey.modules)
       for path, module in nnx_modules.items():
-        if _rules.rule_of(module) is None and path not in recorder.layers:
+        if rules.rule_of(module) is None and path not in survey.layers:
           types[path] = type(module).__name__
-      raise _capture.no_statistics_error(
+      raise common.no_statistics_error(
           'find_layers traced the model', unexplained, types)
     return
 
   def has_no_rule(path):
     if path in nnx_modules:
       module = nnx_modules[path]
-      return (_rules.rule_of(module) is None
-              and _rules.attention_rule_of(module) is None)
-    return path in recorder.modules and path not in recorder.attention
+      return (rules.rule_of(module) is None
+              and rules.attention_rule_of(module) is None)
+    return path in survey.modules and path not in survey.attention
 
   ruleless = [path for path in unexplained if has_no_rule(path)]
   if ruleless:
     warnings.warn(
         'find_layers: these modules own a kernel but MAC has no rule for'
         ' their class, so they train without preconditioning: '
-        + _capture.describe_modules(ruleless, {
+        + common.describe_modules(ruleless, {
             path: (type(nnx_modules[path]).__name__ if path in nnx_modules
-                   else recorder.modules.get(path, '?'))
+                   else survey.modules.get(path, '?'))
             for path in ruleless})
         + '. Teach MAC their classes with mac_optax.register_layer.',
-        stacklevel=3)
-
-
-def _trace_with_stats(loss_fn, recorder, args, kwargs):
-  """Runs a ``with_stats`` loss function under ``jax.eval_shape``.
-
-  NNX models among ``args`` travel as their state (split, merged inside);
-  everything else is closed over, so no FLOPs are spent.
-
-  Returns:
-    The statistics' shapes and the NNX models' ``Param`` state (or None).
-  """
-  splits = {i: nnx.split(arg) for i, arg in enumerate(args)
-            if isinstance(arg, nnx.Module)}
-
-  def run(states):
-    full = list(args)
-    for i, (graphdef, _) in splits.items():
-      full[i] = nnx.merge(graphdef, states[i])
-    _, aux = loss_fn.run(recorder, *full, **kwargs)
-    return aux[1] if loss_fn.has_aux else aux
-
-  stats = _eval_shape(run, {i: state for i, (_, state) in splits.items()},
-                      recorder=recorder)
-  params = None
-  if splits:
-    models = [args[i] for i in splits]
-    params = (nnx.state(models[0], nnx.Param) if len(models) == 1 else
-              nnx.merge_state(*(nnx.state(m, nnx.Param) for m in models)))
-  return stats, params
+        stacklevel=4)
 
 
 # Children that make a module look like attention: separate query/key/value

@@ -34,8 +34,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from mac_optax import _rules
 from mac_optax import _stats
+from mac_optax._capture import rules
 
 _FAMILIES: dict[str, Callable[[Any], None]] = {}
 _DONE: set[str] = set()
@@ -51,6 +51,10 @@ def register_imported() -> None:
       register(sys.modules[name])
 
 
+# Every rule lookup first registers the families imported since.
+rules.before_lookup(register_imported)
+
+
 def _family(module_name: str):
   def decorate(register):
     _FAMILIES['transformers.models.' + module_name] = register
@@ -59,13 +63,13 @@ def _family(module_name: str):
 
 
 def _layer(cls: type, rule: Any) -> None:
-  if cls not in _rules._LAYER_RULES:  # pylint: disable=protected-access
-    _rules.register_layer(cls, rule)
+  if cls not in rules._LAYER_RULES:  # pylint: disable=protected-access
+    rules.register_layer(cls, rule)
 
 
 def _attention(cls: type, **fields) -> None:
-  if cls not in _rules._ATTENTION_RULES:  # pylint: disable=protected-access
-    _rules.register_attention(cls, **fields)
+  if cls not in rules._ATTENTION_RULES:  # pylint: disable=protected-access
+    rules.register_attention(cls, **fields)
 
 
 def _decoding(module, arguments) -> bool:
@@ -109,7 +113,7 @@ def _gpt2(library) -> None:
       )
     return arguments.get('attention_mask')
 
-  _layer(library.FlaxConv1D, _rules.DenseRule(
+  _layer(library.FlaxConv1D, rules.DenseRule(
       lambda module: -1, lambda module: bool(module.use_bias),
       kernel_layout='out_in'))
   _attention(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, get_args
 
 import flax.linen as nn
 from flax import nnx
@@ -25,15 +25,28 @@ import jax.numpy as jnp
 import numpy as np
 import opt_einsum
 
-from mac_optax import _conv
 from mac_optax import _sharding
+from mac_optax._capture import conv
 
 Arguments = Mapping[str, Any]
+
+
+# The kinds of preconditioned layers (LayerCall.kind, LayerSpec.kind).
+LayerKind = Literal['dense', 'conv', 'conv_transpose', 'conv_local', 'einsum',
+                    'attention_value', 'attention_qkv']
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerCall:
   """What one call says about a preconditioned layer's geometry.
+
+  A rule sees one call, not the parameters, so this is the part of
+  :class:`LayerSpec` that the call tells: :func:`find_layers` completes it
+  into the layer's ``LayerSpec`` with what only the parameters tell (the
+  output axes, the axes stacked by ``nn.scan``) and resolves ``kernel_axes``,
+  given here relative to the unstacked kernel, into the full permutation.
+  ``output_axes`` is the call's own: attention rules read the projection
+  outputs through it.
 
   Attributes:
     kind: ``'dense'``, ``'conv'``, ``'conv_transpose'``, ``'conv_local'``,
@@ -54,7 +67,7 @@ class LayerCall:
       Attention rules read query/key/value heads through it.
   """
 
-  kind: str
+  kind: LayerKind
   module: str
   in_shape: tuple[int, ...]
   blocks: int
@@ -107,13 +120,35 @@ class LayerRule(Protocol):
     ...
 
 
+# The attention value statistic: one head-averaged vector (the authors') or
+# one row per head.
+ValueStat = Literal['reference', 'per_head']
+VALUE_STATS: tuple[str, ...] = get_args(ValueStat)
+
+
+def check_value_stat(value_stat: str) -> None:
+  """Raises unless ``value_stat`` is one of ``VALUE_STATS``."""
+  if value_stat not in VALUE_STATS:
+    raise ValueError(
+        f'value_stat must be one of {VALUE_STATS}, got {value_stat!r}.'
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """Capture options that rules consult."""
+  """Capture options that rules consult, checked once when made.
+
+  Every capture entry point (``capture``, ``recording``, ``with_stats``) makes
+  one from its keyword arguments and hands that object down; nothing below
+  rebuilds it.
+  """
 
   attention_aware: bool = True
-  value_stat: str = 'reference'
+  value_stat: ValueStat = 'reference'
   depthwise_shared: bool = True
+
+  def __post_init__(self):
+    check_value_stat(self.value_stat)
 
 
 def _moved_mean(inputs, contracted, sliced=()):
@@ -142,7 +177,13 @@ def _normalize_axes(axes, ndim) -> tuple[int, ...]:
   return tuple(sorted(int(a) % ndim for a in np.atleast_1d(axes)))
 
 
-KERNEL_LAYOUTS = ('in_out', 'out_in')
+# How a dense kernel stores its axes: input then output (Flax), or transposed.
+KernelLayout = Literal['in_out', 'out_in']
+KERNEL_LAYOUTS: tuple[str, ...] = get_args(KernelLayout)
+# Output features of a fused query/key/value projection: (3, heads, head_dim)
+# or interleaved per head, (heads, 3, head_dim).
+QkvLayout = Literal['qkv', 'heads']
+QKV_LAYOUTS: tuple[str, ...] = get_args(QkvLayout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +225,7 @@ class DenseRule:
   axes: Callable[[Any], Any]
   has_bias: Callable[[Any], bool]
   batch_axes: Callable[[Any], Any] = lambda module: ()
-  kernel_layout: str = 'in_out'
+  kernel_layout: KernelLayout = 'in_out'
 
   def __post_init__(self):
     if self.kernel_layout not in KERNEL_LAYOUTS:
@@ -293,8 +334,8 @@ class ConvRule:
     del arguments
     if module.mask is not None:
       return 'Conv with a kernel mask'
-    geometry = _conv.geometry_of(module)
-    mean, rows = _conv.mean_patch(inputs, geometry)
+    geometry = conv.geometry_of(module)
+    mean, rows = conv.mean_patch(inputs, geometry)
     groups = geometry.feature_group_count
     channels = inputs.shape[-1]
     if options.depthwise_shared and 1 < groups == channels:
@@ -306,7 +347,7 @@ class ConvRule:
 
   def rows(self, module, inputs) -> jax.Array:
     """Every im2col patch, ``(rows, d_in)`` in kernel order (no groups)."""
-    geometry = _conv.geometry_of(module)
+    geometry = conv.geometry_of(module)
     if geometry.feature_group_count != 1:
       raise ValueError(
           f'{type(module).__name__} with feature_group_count='
@@ -314,7 +355,7 @@ class ConvRule:
           ' ungrouped convolutions only.'
       )
     channels = inputs.shape[-1]
-    patches = _conv.patches(inputs, geometry)
+    patches = conv.patches(inputs, geometry)
     patches = patches.reshape((-1, channels) + geometry.kernel_size)
     # Channel-major (C, *kernel_size) patches to the kernel's (*kernel_size, C).
     return jnp.moveaxis(patches, 1, -1).reshape(patches.shape[0], -1)
@@ -339,8 +380,8 @@ class ConvTransposeRule:
               ' out (*kernel_size, out, in))')
     if isinstance(module.padding, str) and module.padding.upper() == 'CIRCULAR':
       return 'ConvTranspose with CIRCULAR padding (outputs are wrapped)'
-    geometry = _conv.transpose_geometry_of(module)
-    mean, rows = _conv.mean_patch(inputs, geometry)
+    geometry = conv.transpose_geometry_of(module)
+    mean, rows = conv.mean_patch(inputs, geometry)
     in_shape = geometry.kernel_size + (inputs.shape[-1],)
     call = LayerCall('conv_transpose', type(module).__name__, in_shape, 1,
                      self.has_bias(module))
@@ -355,8 +396,8 @@ class ConvLocalRule:
     del arguments, options
     if module.mask is not None:
       return 'ConvLocal with a kernel mask'
-    geometry = _conv.geometry_of(module)
-    mean, rows = _conv.mean_patch_per_position(inputs, geometry)
+    geometry = conv.geometry_of(module)
+    mean, rows = conv.mean_patch_per_position(inputs, geometry)
     call = LayerCall('conv_local', type(module).__name__, (mean.shape[-1],),
                      1, module.use_bias)
     return Statistic(mean[..., None, :], rows, call)
@@ -425,7 +466,7 @@ class AttentionRule:
   key: Any = 'key'
   value: Any = 'value'
   qkv: Any = None
-  qkv_layout: str = 'qkv'
+  qkv_layout: QkvLayout = 'qkv'
   num_heads: Any = None
   mask: Any = 'mask'
   causal: Any = False
@@ -440,7 +481,7 @@ class AttentionRule:
   logit_soft_cap: Any = None
 
   def __post_init__(self):
-    if self.qkv_layout not in ('qkv', 'heads'):
+    if self.qkv_layout not in QKV_LAYOUTS:
       raise ValueError(
           f"qkv_layout must be 'qkv' or 'heads', got {self.qkv_layout!r}."
       )
@@ -583,10 +624,21 @@ def register_attention(module_class: type, rule: AttentionRule | None = None,
   return rule
 
 
+# Called before every lookup, so that rules of libraries imported since (the
+# Hugging Face transformers families of the transformers module) are in the
+# table. The module that knows such a library adds itself here on import,
+# which keeps this table free of imports of its users.
+_BEFORE_LOOKUP: list[Callable[[], None]] = []
+
+
+def before_lookup(register: Callable[[], None]) -> None:
+  """Runs ``register()`` before every rule lookup (to register lazily)."""
+  _BEFORE_LOOKUP.append(register)
+
+
 def _lookup(table: Mapping[type, Any], cls: type):
-  # Hugging Face transformers' Flax models get their rules once imported.
-  from mac_optax import _transformers  # pylint: disable=g-import-not-at-top
-  _transformers.register_imported()
+  for register in _BEFORE_LOOKUP:
+    register()
   for base in cls.__mro__:
     if base in table:
       return table[base]

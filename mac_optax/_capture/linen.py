@@ -1,9 +1,10 @@
 """Flax linen capture of MAC's per-layer statistics.
 
 A ``flax.linen.intercept_methods`` interceptor hands every module call to a
-:class:`~mac_optax._tracking.Tracker`, which turns layer calls into statistics
-and gives attention value projections the attention-weighted statistic. The
-statistics are sown into the ``'mac_stats'`` collection at each layer's path.
+:class:`~mac_optax._capture.tracking.Tracker`, which turns layer calls into
+statistics and gives attention value projections the attention-weighted
+statistic. The statistics are sown into the ``'mac_stats'`` collection at each
+layer's path.
 
 Inside lifted transforms whose ``variable_axes`` do not list ``'mac_stats'``
 (``nn.scan(..., variable_axes={'params': 0})`` as in big_vision), that
@@ -12,12 +13,10 @@ collection the transform does scan: ``'intermediates'`` when it is listed
 (MaxText), else ``'params'``, which ``apply`` makes mutable for this purpose
 only when it is needed, and strips again, so the model needs no edit.
 
-A function that calls ``model.apply`` (a wrapper) is captured through
-``nn.Module.apply`` itself: while a capture runs, the class attribute is a
-dispatcher that hands each call made in the capturing thread to that thread's
-handler, and every other call to the original. The dispatcher is installed
-once for all threads and removed when the last capture ends; flax keeps its
-interceptors per thread, so captures in several threads do not meet.
+A function that calls ``model.apply`` (a wrapper, or any code inside a
+:class:`Recording` block) is captured through ``nn.Module.apply`` itself (see
+``module_apply``): every apply it reaches is captured like ``model.apply``,
+into the block's :class:`Recording`.
 """
 
 from __future__ import annotations
@@ -26,19 +25,19 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import threading
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import flax.linen as nn
 from flax.core import scope as flax_scope
-from flax.core import tracers as flax_tracers
 from flax.nnx import bridge as nnx_bridge
-import jax
 
 from mac_optax import _geometry
-from mac_optax import _rules
 from mac_optax import _stats
-from mac_optax import _tracking
+from mac_optax._capture import common
+from mac_optax._capture import module_apply
+from mac_optax._capture import nnx_hooks
+from mac_optax._capture import rules
+from mac_optax._capture import tracking
 
 STATS_COLLECTION = 'mac_stats'
 STAT_NAME = _stats.MEAN
@@ -48,85 +47,14 @@ FOREIGN_NAME = '__mac_stats__'
 NESTED_NAME = '__mac_nested__'
 _WEIGHTS_COLLECTION = 'intermediates'
 _WEIGHTS_NAME = 'attention_weights'
+# Where statistics travel when a lifted transform (nn.scan, nn.vmap) does not
+# list 'mac_stats' in its variable_axes: collections such transforms carry
+# per iteration anyway. 'intermediates' first (MaxText lists it); else
+# 'params', which every scan over layers with their own weights lists.
 _CHANNELS = (_WEIGHTS_COLLECTION, 'params')
-ORIGINAL_APPLY = nn.Module.apply
 
-
-class _ApplyHandlers(threading.local):
-  """Per thread: who handles ``Module.apply`` calls now (innermost last)."""
-
-  def __init__(self):
-    super().__init__()
-    self.stack: list[Callable[..., Any]] = []
-
-
-_HANDLERS = _ApplyHandlers()
-_PATCH_LOCK = threading.Lock()
-_patch_users = 0
-
-
-@functools.wraps(ORIGINAL_APPLY)
-def _dispatching_apply(module, *args, **kwargs):
-  """``nn.Module.apply`` while any thread captures: this thread's handler."""
-  stack = _HANDLERS.stack
-  if not stack:
-    return ORIGINAL_APPLY(module, *args, **kwargs)
-  return stack[-1](module, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def handling_applies(handler: Callable[..., Any]) -> Iterator[None]:
-  """Sends this thread's ``Module.apply`` calls to ``handler`` meanwhile.
-
-  ``handler(module, *args, **kwargs)`` runs in place of ``apply``; other
-  threads keep the original. ``nn.Module.apply`` is the original again once
-  no thread handles applies, also after an exception.
-  """
-  global _patch_users
-  with _PATCH_LOCK:
-    if _patch_users == 0:
-      nn.Module.apply = _dispatching_apply
-    _patch_users += 1
-  _HANDLERS.stack.append(handler)
-  try:
-    yield
-  finally:
-    _HANDLERS.stack.pop()
-    with _PATCH_LOCK:
-      _patch_users -= 1
-      if _patch_users == 0:
-        nn.Module.apply = ORIGINAL_APPLY
-
-
-def current_trace():
-  """An opaque token of the JAX trace that values are made in now."""
-  return flax_tracers.current_trace()
-
-
-def _unjit(function):
-  """The Python function inside ``jax.jit(function)``, else ``function``.
-
-  Captured inside the caller's trace, a jitted function runs inlined there;
-  called as a jitted function it could reuse a trace made before the capture.
-  """
-  while (callable(function) and hasattr(function, '__wrapped__')
-         and hasattr(function, 'lower') and hasattr(function, 'trace')):
-    function = function.__wrapped__
-  return function
-
-
-def module_of_apply(function) -> nn.Module | None:
-  """The module when ``function`` is ``module.apply``, else None."""
-  if isinstance(function, functools.partial) and not function.keywords:
-    if function.func in (ORIGINAL_APPLY, _dispatching_apply) and (
-        len(function.args) == 1 and isinstance(function.args[0], nn.Module)):
-      return function.args[0]
-    return None
-  if (inspect.ismethod(function)
-      and function.__func__ in (ORIGINAL_APPLY, _dispatching_apply)
-      and isinstance(function.__self__, nn.Module)):
-    return function.__self__
-  return None
+Path = _stats.Path
+path_str = _stats.path_str
 
 
 def params_of(variables: Any) -> Any:
@@ -134,26 +62,6 @@ def params_of(variables: Any) -> Any:
   if isinstance(variables, Mapping) and 'params' in variables:
     return variables['params']
   return variables
-
-
-def describe_modules(paths, module_types: Mapping[Path, str]) -> str:
-  """``'a/b (Type), c (not called)'`` for error messages."""
-  return ', '.join(
-      f'{path_str(p)} ({module_types.get(p, "not called")})' for p in paths)
-
-
-def no_statistics_error(what: str, owners, module_types) -> ValueError:
-  """The error for a capture that found kernels but recorded nothing."""
-  return ValueError(
-      f'{what}, but no layer MAC knows ran, so MAC would train as plain'
-      ' momentum. Modules owning a kernel:'
-      f' {describe_modules(owners, module_types)}. Teach MAC their layer'
-      ' classes with mac_optax.register_layer (or register_attention), or'
-      ' pass allow_empty=True to accept no statistics.'
-  )
-
-Path = _stats.Path
-path_str = _stats.path_str
 
 
 class _NeedsParamsChannel(Exception):
@@ -191,17 +99,18 @@ def _is_own_call(module: nn.Module, rule, context) -> bool:
   Not so for a subclass's override (``super().__call__(2 * x)``), whose input
   is not what the kernel multiplies.
   """
-  owner = _tracking.rule_owner(type(module), rule)
+  owner = tracking.rule_owner(type(module), rule)
   own = getattr(owner.__call__, '__wrapped__', owner.__call__)
   called = getattr(context.orig_method, 'func', context.orig_method)
   return called is own
 
 
-def record_linen(module: nn.Module, path: Path, entry, nested=False) -> None:
+def sow_entry(module: nn.Module, path: Path, entry, nested=False) -> None:
   """Sows one call's statistics where they can leave ``apply``.
 
   ``nested`` marks a tree of statistics of layers below ``module`` (an NNX
-  model inside linen) rather than one entry of ``module`` itself.
+  model inside linen) rather than one entry of ``module`` itself. The
+  tracker's store for linen.
   """
   if module.is_mutable_collection(STATS_COLLECTION):
     module.sow(STATS_COLLECTION, NESTED_NAME if nested else STAT_NAME, entry)
@@ -216,7 +125,7 @@ def record_linen(module: nn.Module, path: Path, entry, nested=False) -> None:
 class Interceptor:
   """The ``intercept_methods`` interceptor feeding a tracker."""
 
-  def __init__(self, tracker: _tracking.Tracker):
+  def __init__(self, tracker: tracking.Tracker):
     self.tracker = tracker
     self.injected_weight_paths: list[Path] = []
     self.nested_applies = 0
@@ -229,12 +138,12 @@ class Interceptor:
     embedding's transpose). Such a layer's weights are not parameters of the
     captured model, so they are not its layers.
     """
-    return handling_applies(self._nested_apply)
+    return module_apply.handling_applies(self._nested_apply)
 
   def _nested_apply(self, module, *args, **kwargs):
     self.nested_applies += 1
     try:
-      return ORIGINAL_APPLY(module, *args, **kwargs)
+      return module_apply.ORIGINAL_APPLY(module, *args, **kwargs)
     finally:
       self.nested_applies -= 1
 
@@ -248,10 +157,10 @@ class Interceptor:
     path = tuple(module.path)
     if isinstance(module, nnx_bridge.ToLinen):
       return self._nnx_inside(next_fun, args, kwargs, module, path)
-    attention = _rules.attention_rule_of(module)
+    attention = rules.attention_rule_of(module)
     if attention is not None:
       return self._attention(next_fun, args, kwargs, context, attention)
-    rule = _rules.rule_of(module)
+    rule = rules.rule_of(module)
     if rule is None:
       return self.tracker.other_call(
           module, path, lambda: next_fun(*args, **kwargs))
@@ -287,18 +196,17 @@ class Interceptor:
 
   def _nnx_inside(self, next_fun, args, kwargs, module, path):
     """An NNX model inside linen (``nnx.bridge.ToLinen``): track it too."""
-    from mac_optax import _nnx  # pylint: disable=g-import-not-at-top
     entries: dict[Path, list] = {}
 
-    def record(_, layer_path, entry):
+    def store(_, layer_path, entry):
       entries.setdefault(tuple(layer_path[len(path):]), []).append(entry)
 
-    with _nnx.hosted(module.nnx_class, path, self.tracker, record):
+    with nnx_hooks.hosted(module.nnx_class, path, self.tracker, store):
       outputs = next_fun(*args, **kwargs)
     if entries:
       tree = _stats.nest(
           {p: {STAT_NAME: tuple(e)} for p, e in entries.items()})
-      record_linen(module, path, tree, nested=True)
+      sow_entry(module, path, tree, nested=True)
     return outputs
 
 
@@ -381,31 +289,38 @@ class Capture:
       apply_fn: Callable[..., Any],
       *,
       attention_aware: bool = True,
-      value_stat: str = 'reference',
+      # rules.ValueStat, spelled out: the docs show a class's annotations as
+      # written.
+      value_stat: Literal['reference', 'per_head'] = 'reference',
       depthwise_shared: bool = True,
       allow_empty: bool = False,
   ):
+    self._set_up(apply_fn, rules.Options(attention_aware, value_stat,
+                                         depthwise_shared), allow_empty)
+
+  @classmethod
+  def with_options(cls, apply_fn: Callable[..., Any], options: rules.Options,
+                   allow_empty: bool = False) -> Capture:
+    """The capture of ``apply_fn`` with options already made."""
+    capture = cls.__new__(cls)
+    capture._set_up(apply_fn, options, allow_empty)
+    return capture
+
+  def _set_up(self, apply_fn, options: rules.Options, allow_empty: bool):
     self.apply_fn = apply_fn
+    self.options = options
     self.allow_empty = allow_empty
     # model.apply itself runs under the interceptor here; any other function
     # (a wrapper) is run with its applies captured as they happen.
-    self._target = _unjit(apply_fn)
-    self._module = module_of_apply(self._target)
+    self._target = module_apply.unjit(apply_fn)
+    self._module = module_apply.module_of_apply(self._target)
     if self._module is not None:
       # Not the bound method: looked up while another thread captured, it
       # would be the dispatcher, which hands this call to the nested handler.
-      self._target = functools.partial(ORIGINAL_APPLY, self._module)
-    self.options = _rules.Options(
-        attention_aware=attention_aware,
-        value_stat=value_stat,
-        depthwise_shared=depthwise_shared,
-    )
-    if value_stat not in _tracking.VALUE_STATS:
-      raise ValueError(
-          f'value_stat must be one of {_tracking.VALUE_STATS}, got'
-          f' {value_stat!r}.'
-      )
-    # Set once a lifted transform needed 'params' to carry the statistics.
+      self._target = functools.partial(module_apply.ORIGINAL_APPLY,
+                                       self._module)
+    # Set once a lifted transform needed 'params' to carry the statistics;
+    # later calls (and retraces) then sow into 'params' from the start.
     self._params_channel = False
     functools.update_wrapper(self, apply_fn, updated=())
 
@@ -433,16 +348,27 @@ class Capture:
       owners = [path for path in _geometry.kernel_owners(params_of(variables))
                 if path not in seen.skipped]
     if owners:
-      raise no_statistics_error(
+      raise common.no_statistics_error(
           f'capture({name}) ran the model', owners, seen.module_types)
 
-  def apply_with_recorder(self, recorder, variables, *args, **kwargs):
-    """Runs the wrapped apply; ``recorder`` (or None) collects layer facts."""
-    result, stats, _ = self.run(recorder, variables, *args, **kwargs)
-    return result, stats
+  def trace(self, survey: tracking.Survey, args, kwargs):
+    """Traces one call for ``find_layers``, shapes only.
 
-  def run(self, recorder, variables, *args, **kwargs):
-    """Runs the wrapped function.
+    Returns:
+      ``(mac_stats shapes, the parameter tree, [])`` (no NNX models).
+    """
+    if not args:
+      raise TypeError('find_layers(model.apply, variables, *inputs): the'
+                      ' variables are missing.')
+    variables = args[0]
+    stats = common.eval_shape(
+        lambda: self.run(survey, *args, **kwargs)[1], survey=survey)
+    # A wrapper may take the parameter tree itself first.
+    params = params_of(variables) if isinstance(variables, Mapping) else {}
+    return stats, params, []
+
+  def run(self, survey, variables, *args, **kwargs):
+    """Runs the wrapped function; ``survey`` (or None) collects layer facts.
 
     Returns:
       ``(result, mac_stats, seen)``; ``seen`` (a :class:`Seen`, or for a
@@ -450,24 +376,23 @@ class Capture:
       the type of every module called and the layers skipped on purpose.
     """
     if self._module is None:
-      return self._run_wrapper(recorder, variables, args, kwargs)
+      return self._run_wrapper(survey, variables, args, kwargs)
     mutable = kwargs.pop('mutable', False)
-    return self._run_apply(recorder, variables, args, mutable, kwargs)
+    return self._run_apply(survey, variables, args, mutable, kwargs)
 
-  def _run_wrapper(self, recorder, variables, args, kwargs):
+  def _run_wrapper(self, survey, variables, args, kwargs):
     """A function calling ``model.apply``: its applies are captured."""
-    from mac_optax import _recording  # pylint: disable=g-import-not-at-top
-    options = dict(attention_aware=self.options.attention_aware,
-                   value_stat=self.options.value_stat,
-                   depthwise_shared=self.options.depthwise_shared)
-    with _recording.recording_applies(options, recorder) as record:
+    with recording_applies(self.options, survey) as block:
       result = self._target(variables, *args, **kwargs)
-    stats = _recording.merge_disjoint(record.parts) if record.parts else {}
-    return result, stats, record
+    stats = common.merge_trees(block.parts) if block.parts else {}
+    return result, stats, block
 
-  def _run_apply(self, recorder, variables, args, mutable, kwargs):
+  def _run_apply(self, survey, variables, args, mutable, kwargs):
+    # The first call tries 'mac_stats' (and 'intermediates'); a layer inside
+    # a lifted transform that carries neither raises _NeedsParamsChannel, and
+    # the call is made again with 'params' mutable as the way out.
     try:
-      return self._apply(recorder, variables, args, mutable, kwargs)
+      return self._apply(survey, variables, args, mutable, kwargs)
     except _NeedsParamsChannel as error:
       if self._params_channel:
         raise ValueError(
@@ -478,7 +403,7 @@ class Capture:
         ) from None
       self._params_channel = True
       try:
-        return self._apply(recorder, variables, args, mutable, kwargs)
+        return self._apply(survey, variables, args, mutable, kwargs)
       except ValueError as retry_error:
         if 'broadcast' not in str(retry_error):
           raise
@@ -490,13 +415,15 @@ class Capture:
             ' have their own weights (variable_axes={"params": 0}).'
         ) from retry_error
 
-  def _apply(self, recorder, variables, args, mutable, kwargs):
-    tracker = _tracking.Tracker(self.options, record_linen, recorder)
+  def _apply(self, survey, variables, args, mutable, kwargs):
+    tracker = tracking.Tracker(self.options, sow_entry, survey)
     interceptor = Interceptor(tracker)
     ours = [STATS_COLLECTION]
     if self.options.attention_aware:
       ours.append(_WEIGHTS_COLLECTION)
     if self._params_channel:
+      # Mutable only to carry statistics out of lifted transforms; the
+      # 'params' collection is not returned unless the caller asked for it.
       ours.append('params')
     # The interceptor is entered here, inside whatever function the caller
     # traces, because intercept_methods is not part of jax.jit's cache key.
@@ -509,19 +436,24 @@ class Capture:
           **kwargs,
       )
     state = dict(state)
+    # Statistics that came out through a channel are taken out of it (the
+    # channel then holds only what the model itself put there) and merged
+    # with those of the 'mac_stats' collection.
     foreign: dict[Path, Any] = {}
     for collection in _CHANNELS:
       if collection in state:
         state[collection] = _pop_foreign(state[collection], foreign)
     stats = _finalize(state.pop(STATS_COLLECTION, {}), foreign)
-    if recorder is not None:
+    if survey is not None:
       stats_paths = set(_stats.mean_inputs(stats)) if stats else set()
-      lost = [p for p in recorder.layers if p not in stats_paths]
+      lost = [p for p in survey.layers if p not in stats_paths]
       if lost:
         raise ValueError(
             f'the statistics of {", ".join(map(path_str, lost))} were'
             ' recorded but did not come out of apply.'
         )
+    # Return only the collections the caller made mutable (or asked for), and
+    # attention weights only where the model sowed them, not we.
     kept = {
         name for name in state
         if flax_scope.in_filter(mutable, name)
@@ -543,109 +475,124 @@ class Capture:
     return outputs, stats, seen
 
 
-def capture(
-    apply_fn: Callable[..., Any],
-    *,
-    attention_aware: bool = True,
-    value_stat: str = 'reference',
-    depthwise_shared: bool = True,
-    allow_empty: bool = False,
-):
-  r"""Wraps ``model.apply`` (linen) or a model (NNX) to also return MAC's statistics.
+@dataclasses.dataclass
+class Recording:
+  """The statistics recorded so far in a :func:`recording` block.
 
-  Linen: ``capture(model.apply)`` takes the same arguments as ``model.apply``
-  and returns ``(outputs, mac_stats)``; when ``mutable`` (or
-  ``capture_intermediates``) makes ``apply`` return ``(outputs, state)``, it
-  returns ``((outputs, state), mac_stats)``. NNX: ``capture(model)`` (or a
-  bound method of it) is called like the model and returns ``(outputs,
-  mac_stats)``. The model's outputs, its other collections and its gradients
-  are unchanged.
-
-  ``mac_stats`` is a nested dict keyed by module path, like the params, with
-  one node of fp32 statistics per preconditioned layer (see ``_stats``); the
-  preconditioner uses its ``mean_input``:
-
-  * ``Dense`` / ``DenseGeneral`` / ``Einsum`` (NNX ``Linear`` /
-    ``LinearGeneral`` / ``Einsum``): the mean of the input rows over batch and
-    positions, contracted axes flattened in kernel order, with a trailing 1
-    when the layer has a bias. Weights per batch index
-    (``DenseGeneral(batch_dims=...)``) get one mean per index.
-  * ``Conv``: the mean im2col patch in the kernel's ``(*kernel_size,
-    in_features // groups)`` layout (plus 1 for the bias), computed from the
-    batch-mean input without building patches. Grouped convolutions get one
-    row per group; depthwise convolutions share one patch over channels (as
-    the reference does) unless ``depthwise_shared=False``. ``ConvTranspose``
-    gets the mean patch of the stride-1 convolution it computes, ``ConvLocal``
-    one mean patch per output position.
-  * The value projection of attention modules (Flax's own, and those declared
-    with :func:`register_attention`): the attention-weighted mean input
-    :math:`v = \sum_j \bar p_j \bar x_j`, with :math:`\bar p_j` the attention
-    that key :math:`j` receives, averaged over batch, heads and unmasked query
-    rows, under the module's mask, and :math:`\bar x_j` the batch-mean value
-    input at key position :math:`j`. ``value_stat='per_head'`` gives one row
-    per head instead, the mean over batch and queries of :math:`\sum_j
-    A_{bhij} x_{bj}`. A fused query/key/value projection gets the plain
-    statistic on its query and key blocks and this one on its value blocks.
-
-  A layer called several times gets the statistic of all its calls' rows.
-  Statistics are ``stop_gradient``-ed and cost no backward work.
-
-  The interceptor is installed inside the call, so call the wrapped function
-  inside your traced (jitted, differentiated) loss function. Calls during
-  ``model.init`` and autoregressive decoding record nothing.
-
-  Attention probabilities come from the model itself where it can hand them
-  over (linen: ``sow_weights``, stripped from the returned intermediates
-  again; NNX: through its ``attention_fn``); otherwise they are recomputed as
-  ``softmax(q kᵀ / √d)`` under the module's mask from the intercepted (and
-  normalised) projections.
-
-  Layers inside ``nn.scan`` need no change to the model: their statistics
-  come out stacked like their kernels.
-
-  A wrapper of ``model.apply`` is captured like ``model.apply`` itself: every
-  ``Module.apply`` it reaches is captured (several merge, as in
-  :func:`recording`), and applies made inside a captured one (a tied decoder)
-  are part of it. A ``jax.jit``-ed function given here is run unjitted inside
-  the caller's trace; an ``apply`` reached inside a JAX transformation that
-  the wrapper applies itself (a nested ``jax.jit``, ``jax.vmap``) raises,
-  since its statistics could not leave it.
-
-  For a subclass of a known layer that overrides ``__call__`` (``class
-  Scaled(nn.Dense)`` calling ``super().__call__(2 * x)``), the statistic is
-  that of the input the layer class's own ``__call__`` receives, which is what
-  the kernel multiplies.
-
-  Args:
-    apply_fn: a linen ``model.apply``, or any function that calls it (directly
-      or through other functions; it is called with the arguments given and
-      its result returned unchanged), or an NNX module (or bound method of
-      one).
-    attention_aware: give attention value projections the attention-weighted
-      statistic; ``False`` treats them as plain layers.
-    value_stat: ``'reference'`` (one head-averaged vector, the authors'
-      statistic) or ``'per_head'``.
-    depthwise_shared: share one mean patch over the channels of a depthwise
-      convolution, as the reference does.
-    allow_empty: accept a call that records no statistics. Otherwise a call
-      that records none raises when the parameters have kernels (naming the
-      modules that own them), or when a wrapper ran no ``Module.apply``.
-
-  Returns:
-    A callable returning ``(result, mac_stats)``.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, mac_optax
-    >>> model = nn.Dense(3)
-    >>> x = jnp.ones((4, 2))
-    >>> variables = model.init(jax.random.key(0), x)
-    >>> y, stats = mac_optax.capture(model.apply)(variables, x)
-    >>> stats['mean_input']
-    Array([1., 1., 1.], dtype=float32)
+  Every ``Module.apply`` of the block's thread is captured into it, as
+  :func:`mac_optax.capture` would capture that apply.
   """
-  from mac_optax import _nnx  # pylint: disable=g-import-not-at-top
-  options = dict(attention_aware=attention_aware, value_stat=value_stat,
-                 depthwise_shared=depthwise_shared, allow_empty=allow_empty)
-  if _nnx.is_nnx(apply_fn):
-    return _nnx.NNXCapture(apply_fn, **options)
-  return Capture(apply_fn, **options)
+
+  options: rules.Options
+  survey: tracking.Survey | None = None
+  parts: list[Any] = dataclasses.field(default_factory=list)
+  applies: int = 0
+  depth: int = 0
+  # The JAX trace the block was entered in: statistics made in another one
+  # (an apply inside jax.jit / jax.vmap within the block) cannot leave it.
+  trace: Any = None
+  # Every module called in the block, by type name.
+  module_types: dict[tuple, str] = dataclasses.field(default_factory=dict)
+  # Layers deliberately not recorded (decoding, PassThrough rules).
+  skipped: set[tuple] = dataclasses.field(default_factory=set)
+  # Modules owning kernels in applies that recorded no statistic.
+  kernel_owners: list[tuple] = dataclasses.field(default_factory=list)
+
+  def describe_empty(self) -> str:
+    """Why nothing was recorded, for error messages."""
+    if not self.applies:
+      return 'no Module.apply was called inside the block'
+    message = (f'{self.applies} Module.apply call(s) ran, but no layer of'
+               ' theirs has a rule MAC knows')
+    if self.kernel_owners:
+      message += (
+          '; modules owning a kernel: '
+          + common.describe_modules(self.kernel_owners, self.module_types))
+    return message
+
+  @property
+  def stats(self) -> Any:
+    """The ``mac_stats`` of every model call in the block, merged.
+
+    Read them inside the traced function (e.g. return them as ``aux`` of the
+    loss): they are traced values of that function.
+    """
+    if not self.parts:
+      raise ValueError(
+          'mac_optax.recording() recorded no statistics: '
+          + self.describe_empty() + '.'
+          + (' Teach MAC their layer classes with mac_optax.register_layer.'
+             if self.applies else ''))
+    return common.merge_trees(self.parts)
+
+
+def _apply_in_block(block: Recording, module, variables, *args, **kwargs):
+  """``nn.Module.apply`` while a recording is active: captured into it."""
+  if module_apply.current_trace() != block.trace:
+    raise ValueError(
+        f'{type(module).__name__}.apply was called inside a JAX'
+        ' transformation (jax.jit, jax.vmap, jax.checkpoint, ...) that runs'
+        ' inside the capture, so its statistics cannot leave that'
+        ' transformation. Capture inside it instead (mac_optax.capture'
+        ' around the function it transforms, returning the statistics), or'
+        ' call the function untransformed. A jax.jit given to'
+        ' mac_optax.capture directly is unwrapped.'
+    )
+  capture = Capture.with_options(
+      functools.partial(module_apply.ORIGINAL_APPLY, module), block.options)
+  block.depth += 1
+  try:
+    result, stats, seen = capture.run(
+        block.survey, variables, *args, **kwargs)
+  finally:
+    block.depth -= 1
+  block.applies += 1
+  for path, name in seen.module_types.items():
+    block.module_types.setdefault(path, name)
+  block.skipped.update(seen.skipped)
+  if stats:
+    block.parts.append(stats)
+  else:
+    block.kernel_owners.extend(
+        path for path in _geometry.kernel_owners(params_of(variables))
+        if path not in seen.skipped)
+  return result
+
+
+class _Guard:
+  """Refuses layer calls that bypass ``apply`` (bound modules) while active."""
+
+  def __init__(self, block: Recording):
+    self.block = block
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if (self.block.depth == 0 and context.method_name == '__call__'
+        and not module.is_initializing()
+        and (rules.rule_of(module) is not None
+             or rules.attention_rule_of(module) is not None)):
+      raise ValueError(
+          f'layer {_stats.path_str(tuple(module.path))}'
+          f' ({type(module).__name__}) was called outside Module.apply as'
+          ' MAC sees it (a bound module, or a `model.apply` looked up before'
+          ' the capture began and kept, e.g. by functools.partial or'
+          ' jax.jit), so its statistics cannot be recorded: call'
+          ' model.apply itself, or capture(model.apply) there.'
+      )
+    return next_fun(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording_applies(
+    options: rules.Options,
+    survey: tracking.Survey | None = None) -> Iterator[Recording]:
+  """Captures the ``Module.apply`` calls of this thread into a Recording.
+
+  Meanwhile NNX layers that no capture tracks raise, and linen layers called
+  outside ``apply`` (bound modules) raise: their statistics would be lost.
+  """
+  block = Recording(options, survey, trace=module_apply.current_trace())
+  with module_apply.handling_applies(
+      functools.partial(_apply_in_block, block)), nnx_hooks.refusing(), (
+          nn.intercept_methods(_Guard(block))):
+    yield block

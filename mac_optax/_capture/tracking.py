@@ -22,20 +22,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mac_optax import _rules
 from mac_optax import _sharding
 from mac_optax import _stats
+from mac_optax._capture import rules
 
 Path = _stats.Path
 path_str = _stats.path_str
-VALUE_STATS = ('reference', 'per_head')
+# A store takes one call's statistics (a mac_stats layer node) and puts them
+# where they can leave the traced function: store(module, path, entry).
+Store = Callable[[Any, Path, dict], None]
 
 
 @dataclasses.dataclass
-class Recorder:
-  """What tracing saw: layer geometry, module types, pass-through reasons."""
+class Survey:
+  """What a traced pass saw, for ``find_layers``: geometry, types, reasons."""
 
-  layers: dict[Path, _rules.LayerCall] = dataclasses.field(default_factory=dict)
+  layers: dict[Path, rules.LayerCall] = dataclasses.field(default_factory=dict)
   modules: dict[Path, str] = dataclasses.field(default_factory=dict)
   unsupported: dict[Path, str] = dataclasses.field(default_factory=dict)
   value_sources: dict[Path, str] = dataclasses.field(default_factory=dict)
@@ -46,7 +48,12 @@ class Recorder:
   # Modules whose class has a layer or attention rule.
   with_rule: set[Path] = dataclasses.field(default_factory=set)
 
-  def layer(self, path: Path, call: _rules.LayerCall) -> None:
+  def clear(self) -> None:
+    """Forgets everything (before the pass is traced again)."""
+    for field in dataclasses.fields(self):
+      setattr(self, field.name, field.default_factory())
+
+  def layer(self, path: Path, call: rules.LayerCall) -> None:
     previous = self.layers.setdefault(path, call)
     if previous != call:
       raise ValueError(
@@ -60,7 +67,7 @@ class _Projection:
   module: Any
   path: Path
   inputs: jax.Array
-  statistic: _rules.Statistic
+  statistic: rules.Statistic
   outputs: Any = None
 
 
@@ -68,7 +75,7 @@ class _Projection:
 class _Frame:
   module: Any
   path: Path
-  rule: _rules.AttentionRule
+  rule: rules.AttentionRule
   projections: dict[str, _Projection] = dataclasses.field(default_factory=dict)
   norm_outputs: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
   probabilities: jax.Array | None = None
@@ -132,7 +139,7 @@ def rule_owner(cls: type, rule) -> type:
   """
   owner = cls
   for base in cls.__mro__:
-    if _rules.rule_of(base) is rule:
+    if rules.rule_of(base) is rule:
       owner = base
   return owner
 
@@ -142,30 +149,25 @@ class Tracker:
 
   Args:
     options: the capture options.
-    record: ``record(module, path, entry)`` stores one call's statistics
-      (a ``mac_stats`` layer node) for a layer.
-    recorder: collects geometry for :func:`find_layers`, or None.
+    store: ``store(module, path, entry)`` keeps one call's statistics (a
+      ``mac_stats`` layer node) for a layer: the framework adapter's way out
+      of the traced function.
+    survey: collects geometry for :func:`find_layers`, or None.
   """
 
-  def __init__(self, options: _rules.Options,
-               record: Callable[[Any, Path, dict], None],
-               recorder: Recorder | None = None):
-    if options.value_stat not in VALUE_STATS:
-      raise ValueError(
-          f'value_stat must be one of {VALUE_STATS}, got'
-          f' {options.value_stat!r}.'
-      )
+  def __init__(self, options: rules.Options, store: Store,
+               survey: Survey | None = None):
     self.options = options
-    self._records = [record]
-    self.recorder = recorder
+    self._stores = [store]
+    self.survey = survey
     self._frames: list[_Frame] = []
     self._active: list[Any] = []
     self._suppressed = 0
     # Every module seen, by type name, for error messages.
     self.module_types: dict[Path, str] = {}
     # Layers deliberately not recorded (decoding, PassThrough rules).
-    self.skipped: set[Path] = (set() if recorder is None
-                               else recorder.skipped)
+    self.skipped: set[Path] = (set() if survey is None
+                               else survey.skipped)
     # Subclass calls waiting for their layer class's own __call__: [module,
     # whether it was reached].
     self._awaiting: list[list[Any]] = []
@@ -179,11 +181,11 @@ class Tracker:
 
   def seen(self, path: Path, module) -> None:
     self.module_types.setdefault(path, type(module).__name__)
-    if self.recorder is not None:
-      self.recorder.modules.setdefault(path, type(module).__name__)
-      if (_rules.rule_of(module) is not None
-          or _rules.attention_rule_of(module) is not None):
-        self.recorder.with_rule.add(path)
+    if self.survey is not None:
+      self.survey.modules.setdefault(path, type(module).__name__)
+      if (rules.rule_of(module) is not None
+          or rules.attention_rule_of(module) is not None):
+        self.survey.with_rule.add(path)
 
   def layer_call(self, module, path: Path, rule, arguments, inputs,
                  run: Callable[[], Any]):
@@ -195,7 +197,7 @@ class Tracker:
     if self._suppressed:
       self.skipped.add(path)
       return run()
-    if isinstance(rule, _rules.PassThrough):
+    if isinstance(rule, rules.PassThrough):
       self.skipped.add(path)
       self._unsupported(path, rule.reason)
       return run()
@@ -211,7 +213,7 @@ class Tracker:
         frame.projections[role] = projection
         projection.outputs = run()
         return projection.outputs
-      self._store(module, path, statistic)
+      self._emit_statistic(module, path, statistic)
       outputs = run()
     finally:
       self._active.pop()
@@ -252,7 +254,7 @@ class Tracker:
     return outputs
 
   @contextlib.contextmanager
-  def attention_call(self, module, path: Path, rule: _rules.AttentionRule,
+  def attention_call(self, module, path: Path, rule: rules.AttentionRule,
                      arguments):
     """Wraps the run of an attention module call.
 
@@ -261,8 +263,8 @@ class Tracker:
     call, :meth:`finish_attention` must be given its outputs.
     """
     self.seen(path, module)
-    if self.recorder is not None:
-      self.recorder.attention.add(path)
+    if self.survey is not None:
+      self.survey.attention.add(path)
     if rule.skip is not None and rule.skip(module, arguments):
       self._suppressed += 1
       try:
@@ -304,8 +306,8 @@ class Tracker:
     if probabilities is None:
       probabilities = self._recompute(frame, mask, arguments)
       source = 'recomputed probabilities'
-    if self.recorder is not None:
-      self.recorder.value_sources[value.path] = (
+    if self.survey is not None:
+      self.survey.value_sources[value.path] = (
           f'{self.options.value_stat} value statistic from {source} of'
           f' {path_str(frame.path)}')
     mask = _resolve(mask, probabilities.shape, frame)
@@ -316,13 +318,13 @@ class Tracker:
     self._emit(value.module, value.path, entry[0], entry[1])
 
   @contextlib.contextmanager
-  def recording_to(self, record: Callable[[Any, Path, dict], None]):
-    """Sends what is recorded meanwhile to ``record`` instead."""
-    self._records.append(record)
+  def storing_to(self, store: Store):
+    """Sends the statistics made meanwhile to ``store`` instead."""
+    self._stores.append(store)
     try:
       yield
     finally:
-      self._records.pop()
+      self._stores.pop()
 
   # ------------------------------------------------------------------------
 
@@ -339,10 +341,11 @@ class Tracker:
     return frame, role
 
   def _unsupported(self, path: Path, reason: str) -> None:
-    if self.recorder is not None:
-      self.recorder.unsupported[path] = reason
+    if self.survey is not None:
+      self.survey.unsupported[path] = reason
 
-  def _store(self, module, path: Path, statistic: _rules.Statistic) -> None:
+  def _emit_statistic(self, module, path: Path,
+                      statistic: rules.Statistic) -> None:
     call = statistic.call
     mean = _with_bias(statistic.mean, call.has_bias)
     entry = {
@@ -351,13 +354,13 @@ class Tracker:
     }
     self._emit(module, path, call, entry)
 
-  def _emit(self, module, path: Path, call: _rules.LayerCall, entry) -> None:
-    if self.recorder is not None:
-      self.recorder.layer(path, call)
+  def _emit(self, module, path: Path, call: rules.LayerCall, entry) -> None:
+    if self.survey is not None:
+      self.survey.layer(path, call)
     # Statistics are replicated whatever rule made them (layer rules that
     # users register, too), as the optimizer state that takes them is.
     entry = jax.tree.map(_sharding.replicated, entry)
-    self._records[-1](module, path, jax.lax.stop_gradient(entry))
+    self._stores[-1](module, path, jax.lax.stop_gradient(entry))
 
   def _recompute(self, frame: _Frame, mask, arguments) -> jax.Array:
     """softmax(q kᵀ · scale) under the mask, from the kept projections.
@@ -541,14 +544,22 @@ def _split_fused(projection: _Projection, parts: int, heads: int | None,
 
 
 def _value_entry(probabilities, mask, value: _Projection, value_stat: str, *,
-                 fused: str | None, rule: _rules.AttentionRule, module):
+                 fused: str | None, rule: rules.AttentionRule, module):
   """The ``mac_stats`` node of a value (or fused qkv / kv) projection.
 
   ``fused`` is None for a value projection of its own, else the fused
   projection's role, ``'qkv'`` or ``'kv'``.
+
+  The value rows of the gradient are ``Σ_q A_qk x_k`` (the output at query
+  ``q`` mixes the value inputs ``x_k`` of all keys), so the statistic weighs
+  each key position's input by the attention it receives: per head, the
+  mean over batch and query rows of ``Σ_k A_bhqk x_bk``; in the reference
+  form one vector ``v = Σ_k p̄_k x̄_k`` for all heads, kept as its factors.
   """
   probabilities = probabilities.astype(jnp.float32)
   heads, queries, keys = probabilities.shape[-3:]
+  # A query row counts when it may attend somewhere: rows the mask blocks
+  # entirely (padding queries) would otherwise dilute the means.
   if mask is None:
     valid = jnp.ones(probabilities.shape[:-1], jnp.float32)
   else:
@@ -564,9 +575,13 @@ def _value_entry(probabilities, mask, value: _Projection, value_stat: str, *,
         inputs, (probabilities.shape[0],) + inputs.shape[1:])
   call = value.statistic.call
   has_bias = call.has_bias
+  # The attention each key receives, summed over the counted query rows.
   key_weight = jnp.einsum('bhqk,bhq->bhk', probabilities, valid)
+  # Query rows per head: the weight of this statistic when calls merge.
   query_rows = jnp.sum(valid) / heads
   out_features = _out_features(value)
+  # Heads of the value projection itself: the key/value heads under
+  # grouped-query attention, fewer than the query heads of `probabilities`.
   if fused == 'kv':
     value_heads = _fused_heads(value, 2, rule.kv_heads(module), 'qkv',
                                value.path)
@@ -577,6 +592,8 @@ def _value_entry(probabilities, mask, value: _Projection, value_stat: str, *,
     value_heads = _value_heads(value, heads)
   entry = {}
   if value_stat == 'per_head':
+    # Grouped-query attention: each value head serves `groups` consecutive
+    # query heads, so its row sums their attention and counts their rows.
     groups = heads // value_heads
     grouped = key_weight.reshape(key_weight.shape[0], value_heads, groups,
                                  keys).sum(axis=2)
@@ -585,8 +602,13 @@ def _value_entry(probabilities, mask, value: _Projection, value_stat: str, *,
     per_head = jnp.einsum('bgk,bkd->gd', grouped, inputs)
     per_head = per_head / jnp.maximum(counts, 1.0)[:, None]
     value_stat_rows = _with_bias(per_head, has_bias)
+    # Value head h uses row h.
     head_index = np.arange(value_heads)
   else:
+    # The reference statistic is a product of two means, p̄ (attention per
+    # key, over batch, heads and counted query rows) and x̄ (value input per
+    # key position, over the batch). Both factors are stored with their
+    # counts, so that merged calls recompute v = Σ_k p̄_k x̄_k exactly.
     count = jnp.maximum(jnp.sum(valid), 1.0)
     key_attention = jnp.sum(key_weight, axis=(0, 1)) / count
     position_input = _with_bias(jnp.mean(inputs, axis=0), has_bias)
@@ -597,8 +619,11 @@ def _value_entry(probabilities, mask, value: _Projection, value_stat: str, *,
         _stats.QUERY_ROWS: query_rows,
     })
     value_stat_rows = _stats.value_mean(key_attention, position_input)[None]
+    # One row serves every value head.
     head_index = np.zeros(value_heads, np.int64)
   if not fused:
+    # A value projection of its own: its output features split into one
+    # block per row (per head, or a single block for the reference form).
     blocks = value_stat_rows.shape[0]
     if out_features % blocks:
       raise ValueError(
@@ -609,7 +634,10 @@ def _value_entry(probabilities, mask, value: _Projection, value_stat: str, *,
     entry[_stats.ROWS] = query_rows
     call = dataclasses.replace(call, kind='attention_value', blocks=blocks)
     return call, entry
-  # Fused projection: query and key blocks keep the plain statistic.
+  # Fused projection: query and key blocks keep the plain statistic (the
+  # mean input row, as for any dense layer); value blocks take a row of the
+  # value statistic. block_source says which, block by block, and _stats
+  # assembles mean_input from it after every merge.
   plain = value.statistic
   layout = 'kv' if fused == 'kv' else rule.qkv_layout
   block_source = _fused_block_source(head_index, value_heads, layout)
@@ -639,6 +667,10 @@ def _fused_block_source(head_index, heads: int, layout: str):
   (the reference statistic) unless ``head_index`` numbers them (per head).
   """
   distinct = len(set(head_index.tolist())) > 1
+  # With one value row for all heads, a part-major layout needs one block per
+  # part (the key part, then the value part); per head, one block per head
+  # in each part. The 'heads' layout interleaves the parts within each head,
+  # so it always has a (query, key, value) triple of blocks per head.
   if layout == 'kv':
     if not distinct:
       return np.array([-1, 0])
@@ -658,6 +690,8 @@ def _out_features(projection: _Projection) -> int:
 
 def _value_heads(value: _Projection, heads: int) -> int:
   """Heads of the value projection (fewer than query heads under GQA)."""
+  # Head-shaped outputs (heads, head_dim) tell the value heads; flat outputs
+  # cannot, and are taken to have as many heads as the probabilities.
   out_shape = _canonical_outputs(value).shape[_lead(value):]
   if len(out_shape) == 2 and heads % out_shape[0] == 0:
     return int(out_shape[0])

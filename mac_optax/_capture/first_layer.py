@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, get_args
 
 import flax.linen as nn
 from flax.core import scope as flax_scope
@@ -21,14 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from mac_optax import _geometry
-from mac_optax import _rules
-from mac_optax import _transform
+from mac_optax import _second_moments
+from mac_optax import _stats
+from mac_optax._capture import rules
 
 Path = _geometry.Path
 path_str = _geometry.path_str
-SECOND_MOMENT = _transform.SECOND_MOMENT
+SECOND_MOMENT = _second_moments.SECOND_MOMENT
 _COLLECTION = 'mac_second_moments'
-_WEIGHTINGS = ('batch', 'row')
+# How batches weigh in the second moment: each batch alike (the reference),
+# or each input row alike.
+Weighting = Literal['batch', 'row']
+_WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -46,7 +50,7 @@ class _MomentInterceptor:
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
     path = tuple(module.path)
-    rule = _rules.rule_of(module)
+    rule = rules.rule_of(module)
     if (
         context.method_name != '__call__'
         or module.is_initializing()
@@ -78,7 +82,7 @@ def _first_called_layer(apply_fn, variables, args, layers, apply_kwargs):
   """The preconditioned layer the forward pass calls first."""
   order: list[Path] = []
 
-  def record(next_fun, call_args, call_kwargs, context):
+  def note_order(next_fun, call_args, call_kwargs, context):
     path = tuple(context.module.path)
     if (
         context.method_name == '__call__'
@@ -90,7 +94,7 @@ def _first_called_layer(apply_fn, variables, args, layers, apply_kwargs):
     return next_fun(*call_args, **call_kwargs)
 
   def forward(variables, *args):
-    with nn.intercept_methods(record):
+    with nn.intercept_methods(note_order):
       return apply_fn(variables, *args, **apply_kwargs)
 
   jax.eval_shape(forward, variables, *args)
@@ -141,7 +145,7 @@ def input_second_moments(
     *,
     layers: _geometry.Layers,
     paths: Sequence[Any] | None = None,
-    weighting: str = 'batch',
+    weighting: Weighting = 'batch',
     sharding: jax.sharding.Sharding | None = None,
     num_batches: int | None = None,
     progress: bool = True,
@@ -323,5 +327,5 @@ def input_second_moments(
           ' update of the layer NaN. Clean or rescale those batches.'
       )
     flat[path] = by_batch / count if weighting == 'batch' else by_row / all_rows
-    _transform.check_second_moment(flat[path], where)
-  return _transform.nest(flat, SECOND_MOMENT)
+    _second_moments.check_second_moment(flat[path], where)
+  return _stats.nest({path: {SECOND_MOMENT: m} for path, m in flat.items()})
