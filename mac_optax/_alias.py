@@ -41,8 +41,8 @@ def mac(
 
   built as ``optax.chain(scale_by_mac, optax.trace, optax.add_decayed_weights,
   optax.scale_by_learning_rate)``, with :func:`scale_by_second_moments` first
-  when ``second_moments`` are given. For the CIFAR code's coupled L2 (decay added
-  to the preconditioned gradient before momentum) chain
+  when ``second_moments`` are given. For the CIFAR code's coupled L2 (decay
+  added to the preconditioned gradient before momentum) chain
   ``optax.add_decayed_weights`` before ``optax.trace`` yourself.
 
   ``nesterov=True`` uses optax's Nesterov momentum, whose first step is

@@ -217,7 +217,7 @@ def active_layers(layers: Layers, params: Any) -> dict[Path, LayerSpec]:
   return active
 
 
-def nest(flat: Mapping[Path, Any]) -> Any:
+def nest_per_layer(flat: Mapping[Path, Any]) -> Any:
   """{module path: value} -> nested dicts keyed like the params.
 
   A layer at the root (a model that is one ``Dense``) gives the value itself.

@@ -86,19 +86,14 @@ def _block_shape(spec: _geometry.LayerSpec) -> tuple[int, int, int, int]:
   return stacks, d_in, spec.blocks, out
 
 
-def to_blocks(kernel, bias, mean_input, spec):
-  """A layer's gradients and statistic in the canonical float32 blocks.
-
-  ``mean_input`` may be None (its block is then None too).
-  """
+def to_blocks(kernel, bias, spec):
+  """A layer's kernel and bias gradients in the canonical float32 blocks."""
   stacks, d_in, blocks, out = _block_shape(spec)
   grad = spec.to_canonical(kernel).astype(jnp.float32).reshape(
       stacks, d_in, blocks, out)
   bias_grad = (bias.astype(jnp.float32).reshape(stacks, blocks, out)
                if spec.has_bias else None)
-  a = (None if mean_input is None else
-       mean_input.astype(jnp.float32).reshape(stacks, blocks, spec.dim))
-  return grad, bias_grad, a
+  return grad, bias_grad
 
 
 def from_blocks(grad, bias_grad, kernel, bias, spec):
@@ -154,6 +149,7 @@ def precondition(
             kernel, bias, mean_input, spec, damping, scale), (kernel, bias),
         kernel, bias, mean_input, jnp.asarray(damping, jnp.float32))
   damping = jnp.asarray(damping, jnp.float32)
-  grad, bias_grad, a = to_blocks(kernel, bias, mean_input, spec)
+  grad, bias_grad = to_blocks(kernel, bias, spec)
+  a = mean_input.astype(jnp.float32).reshape(grad.shape[0], grad.shape[2], -1)
   grad, bias_grad = rank_one_update(grad, bias_grad, a, damping, scale)
   return from_blocks(grad, bias_grad, kernel, bias, spec)

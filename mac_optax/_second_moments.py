@@ -206,7 +206,8 @@ def scale_by_second_moments(
   def init_fn(params):
     if not isinstance(params, Mapping):
       return ScaleBySecondMomentsState(
-          jnp.zeros([], jnp.int32), _geometry.PerLayerFields(), _geometry.PerLayerFields())
+          jnp.zeros([], jnp.int32), _geometry.PerLayerFields(),
+          _geometry.PerLayerFields())
     active = _geometry.active_layers(layers, params)
     kept = {}
     for path, moment in moments.items():
@@ -217,8 +218,8 @@ def scale_by_second_moments(
       kept[path] = jnp.asarray(moment, jnp.float32)
     return ScaleBySecondMomentsState(
         count=jnp.zeros([], jnp.int32),
-        second_moment=_geometry.nest(kept),
-        damped_inverse=_geometry.nest(
+        second_moment=_geometry.nest_per_layer(kept),
+        damped_inverse=_geometry.nest_per_layer(
             {path: jnp.zeros_like(m) for path, m in kept.items()}),
     )
 
@@ -254,6 +255,6 @@ def scale_by_second_moments(
     return updates, ScaleBySecondMomentsState(
         count=optax.safe_increment(state.count),
         second_moment=state.second_moment,
-        damped_inverse=_geometry.nest(new_inverses))
+        damped_inverse=_geometry.nest_per_layer(new_inverses))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

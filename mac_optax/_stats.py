@@ -219,7 +219,7 @@ def all_reduce(stats: Any, axis_name: Any) -> Any:
   )
 
 
-def nest(flat: Mapping[Path, Mapping[str, Any]]) -> dict:
+def nest_nodes(flat: Mapping[Path, Mapping[str, Any]]) -> dict:
   """{module path: {field: value}} -> nested dicts keyed like the params."""
   tree: dict = {}
   for path, fields in flat.items():

@@ -197,8 +197,7 @@ def _step_layers(layers, gradients, stats, counts, previous, clock, decay,
       inputs[path] = (stat, layer_counts, previous[path])
     else:
       inputs[path] = (stat, layer_counts, previous[path],
-                      *_preconditioner.to_blocks(kernel, bias, None,
-                                                 layers[path])[:2])
+                      *_preconditioner.to_blocks(kernel, bias, layers[path]))
   # Explicitly sharded gradients (FSDP, tensor parallelism) cannot be stacked
   # with others of another sharding: they go one by one.
   new = {path: _ema.layer_step(*inputs.pop(path), clock, decay)
@@ -354,7 +353,8 @@ def scale_by_mac(
     _check_unlisted_kernels(layers, params)
 
     def per_layer(make):
-      return _geometry.nest({path: make(spec) for path, spec in active.items()})
+      return _geometry.nest_per_layer(
+          {path: make(spec) for path, spec in active.items()})
 
     return ScaleByMacState(
         count=jnp.zeros([], jnp.int32),
@@ -404,7 +404,8 @@ def scale_by_mac(
     new_state = ScaleByMacState(
         count=optax.safe_increment(state.count),
         stat_count=clock.stat_count,
-        **{name: _geometry.nest({path: layer[i] for path, layer in new.items()})
+        **{name: _geometry.nest_per_layer(
+            {path: layer[i] for path, layer in new.items()})
            for i, name in enumerate(('mean_input_ema', 'mean_input',
                                      'skipped_captures'))})
     return _geometry.replace_layer_gradients(updates, preconditioned), new_state

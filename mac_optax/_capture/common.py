@@ -29,7 +29,7 @@ def merge_trees(trees: list[Any]) -> Any:
   for tree in trees:
     _stats.map_layers(
         lambda path, node: flat.setdefault(path, []).append(node), tree)
-  return _stats.nest({path: _stats.merge_layer(nodes)
+  return _stats.nest_nodes({path: _stats.merge_layer(nodes)
                       for path, nodes in flat.items()})
 
 

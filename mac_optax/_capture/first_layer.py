@@ -328,4 +328,4 @@ def input_second_moments(
       )
     flat[path] = by_batch / count if weighting == 'batch' else by_row / all_rows
     _second_moments.check_second_moment(flat[path], where)
-  return _stats.nest({path: {SECOND_MOMENT: m} for path, m in flat.items()})
+  return _stats.nest_nodes({path: {SECOND_MOMENT: m} for path, m in flat.items()})

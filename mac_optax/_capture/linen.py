@@ -204,7 +204,7 @@ class Interceptor:
     with nnx_hooks.hosted(module.nnx_class, path, self.tracker, store):
       outputs = next_fun(*args, **kwargs)
     if entries:
-      tree = _stats.nest(
+      tree = _stats.nest_nodes(
           {p: {STAT_NAME: tuple(e)} for p, e in entries.items()})
       sow_entry(module, path, tree, nested=True)
     return outputs
@@ -264,7 +264,7 @@ def _finalize(collection: Any, foreign: dict[Path, Any]) -> dict:
   walk(collection, ())
   for path, sown in foreign.items():
     walk(sown, path)
-  return _stats.nest({path: _stats.merge_layer(entries)
+  return _stats.nest_nodes({path: _stats.merge_layer(entries)
                for path, entries in per_path.items()})
 
 

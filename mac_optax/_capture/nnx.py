@@ -71,7 +71,7 @@ def capture_call(model: nnx.Module, fn: Callable[[], Any],
   with nnx_hooks.tracking_model(model, tracker), _storing(model) as collect:
     outputs = fn()
     per_path = collect()
-  stats = _stats.nest({path: _stats.merge_layer(entries)
+  stats = _stats.nest_nodes({path: _stats.merge_layer(entries)
                       for path, entries in per_path.items()})
   return outputs, stats
 
