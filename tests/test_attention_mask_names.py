@@ -31,10 +31,13 @@ class PaddedAttention(nn.Module):
     query = split(nn.Dense(width, name='query')(hidden))
     key = split(nn.Dense(width, name='key')(hidden))
     value = split(nn.Dense(width, name='value')(hidden))
-    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e10)
-    weights = nn.dot_product_attention_weights(query, key, bias=bias)
+    weights = self.weights(query, key, attention_mask)
     context = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
     return context.reshape(batch, length, width)
+
+  def weights(self, query, key, attention_mask):
+    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e10)
+    return nn.dot_product_attention_weights(query, key, bias=bias)
 
 
 class ByName(PaddedAttention):
@@ -48,18 +51,11 @@ class ByCallable(PaddedAttention):
 class CausalByName(PaddedAttention):
   """The same under a causal mask too (applied by MAC from ``causal=``)."""
 
-  @nn.compact
-  def __call__(self, hidden, attention_mask):
-    batch, length, width = hidden.shape
-    split = lambda t: t.reshape(batch, length, HEADS, width // HEADS)
-    query = split(nn.Dense(width, name='query')(hidden))
-    key = split(nn.Dense(width, name='key')(hidden))
-    value = split(nn.Dense(width, name='value')(hidden))
+  def weights(self, query, key, attention_mask):
+    batch, length = attention_mask.shape
     mask = nn.combine_masks(attention_mask[:, None, None, :] > 0,
                             nn.make_causal_mask(jnp.ones((batch, length))))
-    weights = nn.dot_product_attention_weights(query, key, mask=mask)
-    context = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
-    return context.reshape(batch, length, width)
+    return nn.dot_product_attention_weights(query, key, mask=mask)
 
 
 mac_optax.register_attention(ByName, num_heads=HEADS, mask='attention_mask')
