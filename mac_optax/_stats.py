@@ -64,7 +64,9 @@ def is_layer_node(node: Any) -> bool:
 
 def value_mean(key_attention: jax.Array, position_input: jax.Array):
   """``v = Σ_j p̄_j x̄_j`` over the key axis, stacked axes kept."""
-  return jnp.einsum('...n,...nd->...d', key_attention, position_input)
+  # A sum of products, not einsum: XLA:CPU compiles every unfused dot as a
+  # kernel of its own, one per attention layer, but equal fusions once.
+  return jnp.sum(key_attention[..., None] * position_input, axis=-2)
 
 
 def _derived(node: Mapping[str, Any]) -> set[str]:

@@ -239,6 +239,53 @@ def test_gpt_is_causal():
                          model.apply(params, changed)[:, 5:])
 
 
+def test_scanned_vit_trains_like_its_unscanned_twin():
+  depth = 3
+  looped = models.ViT(width=8, depth=depth, heads=2, patch=2, classes=3)
+  scanned = models.ViT(width=8, depth=depth, heads=2, patch=2, classes=3,
+                       scan=True)
+  images = jax.random.normal(jax.random.key(1), (4, 4, 4, 1)) + 0.3
+  labels = jnp.array([0, 1, 2, 1])
+  params = looped.init(jax.random.key(0), images)['params']
+  stacked = {k: v for k, v in params.items() if not k.startswith('block')}
+  stacked['blocks'] = jax.tree.map(
+      lambda *xs: jnp.stack(xs), *(params[f'block{i}'] for i in range(depth)))
+
+  def train(model, params):
+    layers = mac_optax.find_layers(model.apply, {'params': params}, images)
+    tx = mac_optax.mac(0.1, layers=layers, damping=0.5, t_cov=1, t_inv=1)
+
+    def loss(p):
+      logits, stats = mac_optax.capture(model.apply)({'params': p}, images)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean(), stats
+
+    @jax.jit
+    def step(params, state):
+      grads, stats = jax.grad(loss, has_aux=True)(params)
+      updates, state = tx.update(grads, state, params, mac_stats=stats)
+      return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for _ in range(3):
+      params, state = step(params, state)
+    return layers, params
+
+  looped_layers, looped_params = train(looped, params)
+  scanned_layers, scanned_params = train(scanned, stacked)
+  # One layer entry per stack instead of one per block.
+  assert len(looped_layers) == 6 * depth + 2
+  assert len(scanned_layers) == 6 + 2
+  for i in range(depth):
+    jax.tree.map(
+        lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-5,
+                                                     atol=1e-6),
+        scanned_params['blocks'], looped_params[f'block{i}'])
+  np.testing.assert_allclose(scanned_params['head']['kernel'],
+                             looped_params['head']['kernel'], rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_eval_chunks_pad_with_zero_weight():
   x = np.arange(7, dtype=np.float32)[:, None]
   chunks = tasks._chunk(x, np.arange(7), np.ones(7, np.float32), 3)

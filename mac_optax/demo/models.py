@@ -35,6 +35,13 @@ class Block(nn.Module):
     return x + nn.Dense(self.width, name='fc2')(y)
 
 
+class _ScannedBlock(Block):
+  """``Block`` in ``nn.scan``'s ``(carry, x) -> (carry, y)`` form."""
+
+  def __call__(self, x, _):
+    return super().__call__(x), None
+
+
 class ViT(nn.Module):
   """Vision transformer: patch embedding, learned positions, mean pooling.
 
@@ -44,6 +51,9 @@ class ViT(nn.Module):
     heads: attention heads.
     patch: patch side; the image side must be a multiple of it.
     classes: output classes.
+    scan: run the blocks as one ``nn.scan`` over stacked parameters (module
+      ``blocks``), as large-scale code does, instead of ``depth`` modules
+      ``block0``, ``block1``, ...
   """
 
   width: int = 64
@@ -51,6 +61,7 @@ class ViT(nn.Module):
   heads: int = 4
   patch: int = 4
   classes: int = 10
+  scan: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -59,8 +70,13 @@ class ViT(nn.Module):
                 padding='VALID', name='patch_embed')(images)
     x = x.reshape(x.shape[0], -1, self.width)
     x = x + self.param('pos', nn.initializers.normal(0.02), x.shape[1:])
-    for i in range(self.depth):
-      x = Block(self.width, self.heads, name=f'block{i}')(x)
+    if self.scan:
+      blocks = nn.scan(_ScannedBlock, variable_axes={'params': 0},
+                       split_rngs={'params': True}, length=self.depth)
+      x, _ = blocks(self.width, self.heads, name='blocks')(x, None)
+    else:
+      for i in range(self.depth):
+        x = Block(self.width, self.heads, name=f'block{i}')(x)
     x = nn.LayerNorm(name='norm')(x).mean(axis=1)
     return nn.Dense(self.classes, name='head')(x)
 
