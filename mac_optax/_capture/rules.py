@@ -410,6 +410,11 @@ class PassThrough:
   reason: str
 
 
+def _for_module(value, module):
+  """A rule field given as a value or as a function of the module."""
+  return value(module) if callable(value) else value
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionRule:
   """Where an attention module's projections and probabilities are.
@@ -498,25 +503,18 @@ class AttentionRule:
     return None
 
   def heads(self, module) -> int | None:
-    if self.num_heads is None:
-      return None
-    if callable(self.num_heads):
-      return int(self.num_heads(module))
-    return int(self.num_heads)
+    heads = _for_module(self.num_heads, module)
+    return None if heads is None else int(heads)
 
   def kv_heads(self, module) -> int | None:
-    if self.num_kv_heads is None:
-      return None
-    if callable(self.num_kv_heads):
-      return int(self.num_kv_heads(module))
-    return int(self.num_kv_heads)
+    heads = _for_module(self.num_kv_heads, module)
+    return None if heads is None else int(heads)
 
   def scale_of(self, module) -> float | None:
-    return self.scale(module) if callable(self.scale) else self.scale
+    return _for_module(self.scale, module)
 
   def soft_cap_of(self, module) -> float | None:
-    cap = self.logit_soft_cap
-    return cap(module) if callable(cap) else cap
+    return _for_module(self.logit_soft_cap, module)
 
   def mask_of(self, module, arguments: Arguments):
     if self.mask is None:
